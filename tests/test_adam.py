@@ -1,0 +1,253 @@
+"""Tests of adam.py: decomposer, loss (against a brute-force loop), EMA, bank, stages, resume, DDP, export."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import adam
+from conftest import ROOT, TINY_RUN
+
+
+# ---- Anatomy Decomposer ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("height,width", [(64, 64), (37, 53), (7, 5), (1000, 999)])
+@pytest.mark.parametrize("level", range(6))
+def test_parts_tile_the_image_exactly(height, width, level):
+    if level == 5 and min(height, width) < 8:
+        pytest.skip("image too small for level 5")
+    boxes = adam.anatomy_parts(height, width, level)
+    assert len(boxes) == 2 ** level
+    cover = np.zeros((height, width), int)
+    for top, left, h, w in boxes:
+        assert h > 0 and w > 0
+        cover[top:top + h, left:left + w] += 1
+    assert (cover == 1).all(), "parts must cover every pixel exactly once"
+
+
+@pytest.mark.parametrize("height,width", [(64, 64), (37, 53)])
+def test_first_cut_is_vertical_then_alternating(height, width):
+    def grid(level):  # (rows, columns) of the part grid
+        boxes = adam.anatomy_parts(height, width, level)
+        return len({top for top, _, _, _ in boxes}), len({left for _, left, _, _ in boxes})
+    assert grid(0) == (1, 1)
+    assert grid(1) == (1, 2)  # left | right halves
+    assert grid(2) == (2, 2)
+    assert grid(3) == (2, 4)  # paper: 2 rows x 4 columns
+    assert grid(4) == (4, 4)
+    assert grid(5) == (4, 8)
+    left, right = adam.anatomy_parts(height, width, 1)
+    assert left[2] == right[2] == height and left[3] + right[3] == width
+
+
+def test_too_small_image_is_refused():
+    with pytest.raises(ValueError, match="too small"):
+        adam.anatomy_parts(3, 3, 4)
+
+
+# ---- Purposive Pruner + InfoNCE -----------------------------------------------------------------
+
+def loop_info_nce(q, k, queue, tau, t):
+    """Brute force, float64, one anchor at a time: the formula of METHOD.md §4 as written."""
+    losses = []
+    for i in range(q.shape[0]):
+        terms = [torch.dot(q[i], k[i]) / tau]
+        for j in range(queue.shape[0]):
+            s = torch.dot(q[i], queue[j])
+            if t is None or s < t:
+                terms.append(s / tau)
+        terms = torch.stack(terms)
+        losses.append(-(terms[0] - torch.logsumexp(terms, 0)))
+    return torch.stack(losses).mean()
+
+
+def random_inputs(B, K, D, seed, near_duplicates=0):
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=1)
+    k = F.normalize(q + 0.5 * torch.randn(B, D, generator=g, dtype=torch.float64), dim=1)
+    queue = F.normalize(torch.randn(K, D, generator=g, dtype=torch.float64), dim=1)
+    for j in range(near_duplicates):  # entries the pruner at t=0.8 must drop for anchor j
+        queue[j] = F.normalize(q[j] + 0.05 * torch.randn(D, generator=g, dtype=torch.float64), dim=0)
+    return q, k, queue
+
+
+@pytest.mark.parametrize("threshold,expect_pruned", [(None, "none"), (1.0, "none"), (0.8, "some"),
+                                                     (0.1, "some"), (-1.5, "all")])
+def test_info_nce_matches_loop_values_and_gradients(threshold, expect_pruned):
+    B, K, D = 5, 37, 16
+    q, k, queue = random_inputs(B, K, D, seed=hash(str(threshold)) % 1000, near_duplicates=3)
+    q1, k1 = q.clone().requires_grad_(), k.clone().requires_grad_()
+    q2, k2 = q.clone().requires_grad_(), k.clone().requires_grad_()
+    loss, pruned = adam.info_nce(q1, k1, queue, 0.2, threshold, return_pruned=True)
+    ref = loop_info_nce(q2, k2, queue, 0.2, threshold)
+    loss.backward()
+    ref.backward()
+    # float64 both ways: the vectorised and looped sums differ only by summation order (~1e-15 relative)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(q1.grad, q2.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(k1.grad, k2.grad, rtol=1e-9, atol=1e-12)
+    n_pruned = sum(int((q[i] @ queue.t() >= threshold).sum()) for i in range(B)) if threshold is not None else 0
+    assert pruned.item() == pytest.approx(n_pruned / (B * K))
+    assert {"none": n_pruned == 0, "some": 0 < n_pruned < B * K, "all": n_pruned == B * K}[expect_pruned]
+    if expect_pruned == "all":  # only the positive is left: p_i0 = 1, loss 0
+        assert loss.item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_info_nce_gradient_is_the_closed_form():
+    """dL/dq_i = ((p_i0 - 1) k_i + sum_j p_ij b_j) / (tau B), METHOD.md §4 (mean over B anchors)."""
+    B, K, D, tau, t = 4, 23, 8, 0.2, 0.3
+    q, k, queue = random_inputs(B, K, D, seed=3, near_duplicates=2)
+    q.requires_grad_()
+    adam.info_nce(q, k, queue, tau, t).backward()
+    s = q.detach() @ queue.t()
+    logits = torch.cat([(q.detach() * k).sum(1, keepdim=True), s.masked_fill(s >= t, float("-inf"))], 1) / tau
+    p = logits.softmax(1)
+    expected = ((p[:, :1] - 1) * k + p[:, 1:] @ queue) / (tau * B)
+    torch.testing.assert_close(q.grad, expected, rtol=1e-10, atol=1e-12)
+
+
+# ---- EMA and bank ------------------------------------------------------------------------------
+
+def test_ema_update():
+    torch.manual_seed(0)
+    student, teacher = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    before = [p.clone() for p in teacher.parameters()]
+    adam.ema_update(teacher, student, 0.9)
+    for xi, xi0, theta in zip(teacher.parameters(), before, student.parameters()):
+        torch.testing.assert_close(xi, 0.9 * xi0 + 0.1 * theta, rtol=0, atol=1e-7)
+
+
+def test_bank_ring_wraps_with_batch_not_dividing_K():
+    bank = adam.MemoryBank(10, 2, "cpu")
+    written = []
+    for step in range(5):  # 5 batches of 3 = 15 keys into 10 slots
+        keys = torch.full((3, 2), float(step * 3)) + torch.arange(3.0).view(3, 1)
+        bank.enqueue(keys)
+        written += keys[:, 0].tolist()
+    assert bank.ptr == 15 % 10
+    expected = np.zeros(10)
+    for n, v in enumerate(written):  # slot of the n-th key ever written: n mod K
+        expected[n % 10] = v
+    assert bank.queue[:, 0].tolist() == expected.tolist()
+
+
+def test_bank_batch_larger_than_K_keeps_newest():
+    bank = adam.MemoryBank(4, 1, "cpu")
+    bank.enqueue(torch.zeros(1, 1))          # ptr 1
+    bank.enqueue(torch.arange(6.0).view(6, 1))  # keys 0..5 go to slots 1,2,3,0,1,2: newest 2..5 survive
+    assert bank.ptr == 3
+    assert bank.queue[:, 0].tolist() == [3.0, 4.0, 5.0, 2.0]
+
+
+# ---- training: stages, resume, export, DDP, errors ----------------------------------------------
+
+def run(phantom_root, out, *extra):
+    return adam.main(TINY_RUN + ["--data-root", str(phantom_root), "--out", str(out), *extra])
+
+
+def test_training_loss_goes_down(phantom_root, tmp_path):
+    """Two stages (levels 0 then 2). The sampler is seeded, so a run with lr = 0 sees exactly the same views
+    and bank-filling dynamics: the only difference is learning. Early epochs are dominated by the random
+    bank being replaced by real keys (the loss rises towards log(K+1) = 2.83), so compare the later epochs:
+    learning must lower them against not learning, and within stage 1 below the epoch the bank filled.
+    The pruner is off here: it removes more of the bank for a less spread-out embedding (the frozen model
+    loses ~75% of its negatives at level 2), which lowers the loss without any learning."""
+    common = ["--levels", "0,2", "--epochs", "5", "--steps-per-epoch", "4", "--queue-size", "16",
+              "--img-size", "48", "--val-steps", "0", "--threshold", "1"]
+    learnt = run(phantom_root, tmp_path / "learnt", *common, "--lr", "1")
+    frozen = run(phantom_root, tmp_path / "frozen", *common, "--lr", "0")
+    for a, b in zip(learnt["stages"], frozen["stages"]):
+        la, lb = [e["loss"] for e in a["epochs"]], [e["loss"] for e in b["epochs"]]
+        assert np.mean(la[-3:]) < np.mean(lb[-3:]), (la, lb)
+    stage1 = [e["loss"] for e in learnt["stages"][0]["epochs"]]
+    assert np.mean(stage1[-3:]) < stage1[1], stage1
+
+
+def test_stage_two_starts_from_stage_one(phantom_root, tmp_path):
+    """Levels 0 then (resumed) 0,2 gives the very losses of one run over 0,2: stage 2 starts from stage 1's
+    student, teacher and bank. A stage-2-only run from scratch gives different losses."""
+    full = run(phantom_root, tmp_path / "full")
+    run(phantom_root, tmp_path / "split", "--levels", "0")
+    second = adam.main(["--resume", str(tmp_path / "split"), "--levels", "0,2"])
+    alone = run(phantom_root, tmp_path / "alone", "--levels", "2")
+    assert [s["level"] for s in full["stages"]] == [0, 2]
+    assert second["stages"][0]["level"] == 2
+    assert second["stages"][0]["losses"] == full["stages"][1]["losses"]
+    assert alone["stages"][0]["losses"] != full["stages"][1]["losses"]
+    assert full["stages"][0]["threshold"] is None and full["stages"][1]["threshold"] == 0.8
+    ckpt = torch.load(tmp_path / "full" / "checkpoint.pth", weights_only=True)
+    assert ckpt["level"] == 2 and ckpt["bank"].shape == (60, 128) and ckpt["bank_ptr"] == (6 * 8) % 60
+
+
+def test_resume_mid_stage_gives_the_same_losses(phantom_root, tmp_path, monkeypatch):
+    extra = ["--levels", "0,2", "--epochs", "2", "--steps-per-epoch", "2"]
+    full = run(phantom_root, tmp_path / "full", *extra)
+    saves = []
+    real_save = adam.save_checkpoint
+
+    def save_then_die(path, **state):  # the process "dies" right after the 3rd checkpoint (stage 2, epoch 1)
+        real_save(path, **state)
+        saves.append(state["epoch"])
+        if len(saves) == 3:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(adam, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(phantom_root, tmp_path / "cut", *extra)
+    monkeypatch.setattr(adam, "save_checkpoint", real_save)
+    resumed = adam.main(["--resume", str(tmp_path / "cut")])
+    assert resumed["stages"][0]["level"] == 2
+    assert resumed["stages"][0]["losses"] == full["stages"][1]["losses"][2:]
+    log = [json.loads(line) for line in open(tmp_path / "cut" / "log.jsonl")]
+    assert [(r["level"], r["epoch"]) for r in log] == [(0, 1), (0, 2), (2, 1), (2, 2)]
+    assert all(np.isfinite(r["loss"]) and 0 <= r["pruned"] <= 1 and r["images_per_s"] > 0 for r in log)
+
+
+def test_exported_backbone_loads_into_torchvision(tiny_adam_run):
+    for level in (0, 2):
+        state = torch.load(tiny_adam_run / f"adam_resnet18_level{level}.pth", weights_only=True)
+        missing, unexpected = torchvision.models.resnet18().load_state_dict(state, strict=False)
+        assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+    ckpt = torch.load(tiny_adam_run / "checkpoint.pth", weights_only=True)
+    last = torch.load(tiny_adam_run / "adam_resnet18_level2.pth", weights_only=True)
+    for key, value in last.items():
+        assert torch.equal(ckpt["student"]["backbone." + key], value)
+
+
+def test_two_process_gloo_torchrun(phantom_root, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+           str(ROOT / "adam.py"), *TINY_RUN, "--data-root", str(phantom_root), "--out", str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert ckpt["step"] == 6 and ckpt["bank_ptr"] == (6 * 8) % 60  # both ranks' keys were enqueued
+    assert (tmp_path / "adam_resnet18_level2.pth").exists()
+    assert done.stdout.count("== stage 1/2") == 1  # only rank 0 prints
+
+
+def test_missing_data_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data_prep.py chestxray14"):
+        adam.main(["--data", "chestxray14", "--data-root", str(tmp_path / "nowhere")])
+    done = subprocess.run([sys.executable, str(ROOT / "adam.py"), "--data", str(tmp_path / "nowhere")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "adam.py: error:" in done.stderr and "Traceback" not in done.stderr
+    assert str(tmp_path / "nowhere") in done.stderr
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_corrupt_image_names_the_file(tmp_path, workers):
+    from PIL import Image
+    for i in range(9):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    bad = tmp_path / "4.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # truncated PNG
+    argv = ["--data", str(tmp_path), "--arch", "resnet18", "--img-size", "32", "--batch-size", "3",
+            "--queue-size", "12", "--levels", "0", "--epochs", "1", "--workers", str(workers),
+            "--device", "cpu", "--out", str(tmp_path / "run")]
+    with pytest.raises(adam.DataError, match="4.png"):
+        adam.main(argv)

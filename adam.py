@@ -40,12 +40,13 @@ from torchvision.transforms import v2 as T
 # authors' settings (METHOD.md §3-5), "demo" is a CPU-sized run of the same method.
 
 PRESETS = {
-    "paper": dict(arch="resnet50", img_size=224, batch_size=256, queue_size=65536, epochs=200,
+    "paper": dict(arch="resnet50", img_size=224, batch_size=256, queue_size=65536, epochs=200, lr=0.03,
                   steps_per_epoch=None, momentum_ema=0.999, workers=8, val_steps=None, print_freq=50),
-    # demo: ResNet-18 on 64 px views, a small bank that fills within the run, and m = 0.99 because with
-    # only ~100 steps per stage a 0.999 teacher would barely move away from its random init.
-    "demo": dict(arch="resnet18", img_size=64, batch_size=32, queue_size=2048, epochs=2,
-                 steps_per_epoch=50, momentum_ema=0.99, workers=2, val_steps=4, print_freq=25),
+    # demo: ResNet-18 on 64 px views, ~100 steps per stage. A bank that fills within the first stage; m = 0.99
+    # because a 0.999 teacher would barely move from its random init in 100 steps; base lr 0.24 so that
+    # batch 32 trains at 0.03 (the linear scaling rule would give 0.004, too slow to show anything).
+    "demo": dict(arch="resnet18", img_size=64, batch_size=32, queue_size=2048, epochs=5, lr=0.24,
+                 steps_per_epoch=None, momentum_ema=0.99, workers=2, val_steps=2, print_freq=7),
 }
 
 
@@ -89,7 +90,8 @@ def get_parser():
                    help="cap on steps per epoch, for smoke runs (default: the whole train split)")
     g.add_argument("--batch-size", type=int, default=None,
                    help="global batch over all processes (paper: 256)")
-    g.add_argument("--lr", type=float, default=0.03, help="learning rate for batch 256, scaled linearly")
+    g.add_argument("--lr", type=float, default=None,
+                   help="learning rate for batch 256, scaled linearly (paper: 0.03)")
     g.add_argument("--wd", type=float, default=1e-4, help="weight decay")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--val-steps", type=int, default=None,
@@ -262,8 +264,13 @@ def open_images(args, split):
     named = args.data in ("phantom", "chestxray14", "eyepacs", "jsrt")
     root = Path(args.data_root or f"data/{args.data}") if named else Path(args.data)
     import data_prep  # numpy + pillow only; builds and reads the caches
-    if args.data == "phantom":
+    if args.data == "phantom":  # rank 0 generates it (once), the other ranks wait and then read it
+        first = not dist.is_initialized() or dist.get_rank() == 0
+        if not first:
+            dist.barrier()
         data_prep.ensure_phantom(root, num_images=args.phantom_images, seed=0)
+        if first and dist.is_initialized():
+            dist.barrier()
     if named and not (root / "meta.json").exists():
         raise FileNotFoundError(f"--data {args.data}: no prepared dataset at {root}; prepare it with "
                                 f"`python data_prep.py {args.data} --src <downloaded folder> --out {root}`")

@@ -251,3 +251,20 @@ def test_corrupt_image_names_the_file(tmp_path, workers):
             "--device", "cpu", "--out", str(tmp_path / "run")]
     with pytest.raises(adam.DataError, match="4.png"):
         adam.main(argv)
+
+
+def test_trains_on_a_prepared_chestxray14_cache(tmp_path):
+    """data_prep.py's cache of a fake ChestX-ray14 download (both made by test_data_prep's fixture code) is what
+    `--data chestxray14 --data-root` reads: a few steps on it, with the paper preset's flags shrunk."""
+    import data_prep
+    from test_data_prep import _make_cxr14
+    _make_cxr14(tmp_path / "src", "flat")
+    data_prep.main(["chestxray14", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "cxr14"),
+                    "--size", "32", "--skip-bad", "--workers", "1"])
+    s = adam.main(["--data", "chestxray14", "--data-root", str(tmp_path / "cxr14"), "--arch", "resnet18",
+                   "--img-size", "32", "--batch-size", "3", "--queue-size", "16", "--levels", "0,4",
+                   "--epochs", "1", "--steps-per-epoch", "2", "--workers", "0", "--device", "cpu",
+                   "--out", str(tmp_path / "run")])
+    assert [len(st["losses"]) for st in s["stages"]] == [2, 2]
+    assert all(np.isfinite(st["losses"]).all() for st in s["stages"])
+    assert s["stages"][1]["epochs"][0]["val_loss"] is not None  # the cache's val split is used

@@ -1,0 +1,1147 @@
+"""
+From datasets as people download them to a fast, verified training cache, and a procedural phantom.
+
+    python data_prep.py phantom      [--out data/phantom] [--num-images 1000] [--size 256] [--seed 0]
+    python data_prep.py chestxray14  --src DIR [--out data/chestxray14] [--size 512]
+    python data_prep.py eyepacs      --src DIR [--out data/eyepacs]
+    python data_prep.py jsrt         --src DIR [--masks SCR_DIR] [--out data/jsrt]
+    python data_prep.py folder       --src DIR [--out data/folder]
+
+    python data_prep.py speed        --cache DIR      (images/s: cache rows vs PNG decoding)
+
+Every command writes one "cache" folder, format "adam-cache-v1" (README "Data" has the full table):
+    meta.json      format, dataset, count N, height H, width W, channels, label_names, structures, landmark_names
+    images.npy     uint8 (N, H, W) grey or (N, H, W, 3) RGB; np.load(mmap_mode="r"): __getitem__ decodes nothing
+    index.csv      i,name,patient,split,labels[,extras]  (labels joined by "|"; split in train/val/test)
+    masks.npy      optional uint8 (N, S, H, W) 0/1 in `structures` order (phantom, jsrt)
+    landmarks.npy  optional float32 (N, L, 2) (x, y) pixels (phantom)
+    report.json    what was found, expected, missing, skipped, and the source sizes and modes
+
+Safety: the cache is built in a hidden temporary sibling folder and renamed into place at the end,
+meta.json being the last file written inside it, so a killed run never leaves a folder that
+`open_cache` accepts; a re-run starts clean and removes temporary folders of dead runs.
+A bad source file is an error naming it (and nothing is written) unless --skip-bad is given, in
+which case it is skipped and listed in report.json.
+
+Import cost: numpy + pillow only; pydicom is imported when a DICOM file is met.
+"""
+import argparse
+import csv
+import io
+import json
+import math
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import sys
+import tarfile
+import threading
+import time
+import zlib
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+FORMAT = "adam-cache-v1"
+STRUCTURES = ["heart", "left_clavicle", "right_clavicle", "left_lung", "right_lung"]
+PHANTOM_LABELS = ["nodule", "effusion", "cardiomegaly"]
+LANDMARKS = ["trachea_top", "carina", "left_apex", "right_apex", "left_costophrenic",
+             "right_costophrenic", "left_hemidiaphragm", "right_hemidiaphragm", "heart_apex", "aortic_knob"]
+CXR14_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis",
+                "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax"]
+CXR14_TRAIN, CXR14_VAL = 75312, 11212          # the authors' split of train_val_list.txt (METHOD.md §5)
+DEFAULT_SIZE = {"phantom": 256, "chestxray14": 512, "eyepacs": 512, "jsrt": 512, "folder": 512}
+# Test hook: SIGKILL ourselves after this many images have been written (simulates a killed run).
+KILL_AFTER_ENV = "ADAM_DATA_PREP_KILL_AFTER"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading a cache
+
+class Cache:
+    """An opened cache. images / masks are read-only memory maps: slicing one row reads H*W bytes."""
+
+    def __init__(self, root, meta, images, index, masks, landmarks):
+        self.root, self.meta, self.images, self.index = root, meta, images, index
+        self.masks, self.landmarks = masks, landmarks
+
+    def rows(self, split):
+        return [r["i"] for r in self.index if r["split"] == split]
+
+    def label_matrix(self):
+        """N x C float32 multi-hot targets in meta["label_names"] order (row i = images[i])."""
+        names = {n: c for c, n in enumerate(self.meta["label_names"])}
+        y = np.zeros((len(self.index), len(names)), np.float32)
+        for r in self.index:
+            y[r["i"], [names[l] for l in r["labels"]]] = 1
+        return y
+
+    def __len__(self):
+        return len(self.index)
+
+    def __repr__(self):
+        return f"Cache({self.root}, {self.meta['dataset']}, images={tuple(self.images.shape)})"
+
+
+def prepare_command(root):
+    """The command that prepares the cache at `root` (used in error messages)."""
+    root = Path(root)
+    ds = root.name if root.name in DEFAULT_SIZE else "<dataset>"
+    if ds == "phantom":
+        return f"python data_prep.py phantom --out {root}"
+    return f"python data_prep.py {ds} --src <downloaded {ds} folder> --out {root}"
+
+
+def open_cache(root):
+    """Open a prepared cache. FileNotFoundError (naming the path and the command that prepares it) if it is
+    missing or unfinished; ValueError naming the file if it is malformed."""
+    root = Path(root)
+    meta_path = root / "meta.json"
+    if not meta_path.is_file():
+        what = "does not exist" if not root.exists() else "has no meta.json (not a finished cache)"
+        raise FileNotFoundError(f"dataset cache {root} {what}; prepare it with: {prepare_command(root)}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{meta_path}: not valid JSON ({e})") from None
+    keys = ["format", "dataset", "count", "height", "width", "channels", "label_names", "structures",
+            "landmark_names"]
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or any(k not in meta for k in keys):
+        raise ValueError(f"{meta_path}: not an {FORMAT} meta.json (needs keys {keys})")
+    n, h, w, c = meta["count"], meta["height"], meta["width"], meta["channels"]
+    shape = (n, h, w) if c == 1 else (n, h, w, c)
+
+    def load(name, want_shape, want_dtype):
+        path = root / name
+        try:
+            a = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: cannot be read as .npy ({e})") from None
+        if tuple(a.shape) != tuple(want_shape) or a.dtype != want_dtype:
+            raise ValueError(f"{path}: shape {tuple(a.shape)} {a.dtype}, meta.json says {tuple(want_shape)} "
+                             f"{np.dtype(want_dtype)}")
+        return a
+
+    images = load("images.npy", shape, np.uint8)
+    masks = load("masks.npy", (n, len(meta["structures"]), h, w), np.uint8) if meta["structures"] else None
+    landmarks = None
+    if meta["landmark_names"]:
+        landmarks = np.asarray(load("landmarks.npy", (n, len(meta["landmark_names"]), 2), np.float32))
+    index_path = root / "index.csv"
+    try:
+        with open(index_path, newline="") as f:
+            rd = csv.DictReader(f)
+            if rd.fieldnames is None or rd.fieldnames[:5] != ["i", "name", "patient", "split", "labels"]:
+                raise ValueError(f"header {rd.fieldnames} should start with i,name,patient,split,labels")
+            index = []
+            for r in rd:
+                r["i"] = int(r["i"])
+                r["labels"] = r["labels"].split("|") if r["labels"] else []
+                if r["split"] not in ("train", "val", "test") or not 0 <= r["i"] < n:
+                    raise ValueError(f"bad row {r}")
+                index.append(r)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{index_path}: {e}") from None
+    if sorted(r["i"] for r in index) != list(range(n)):
+        raise ValueError(f"{index_path}: column i must number the {n} rows of images.npy once each "
+                         f"(found {len(index)} rows)")
+    return Cache(root, meta, images, index, masks, landmarks)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing a cache atomically
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _start_tmp(out, force=False):
+    """Return a fresh temporary sibling folder of `out`; remove temporary folders left by dead runs."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for old in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    if out.exists() and not force:
+        if (out / "meta.json").exists():
+            raise FileExistsError(f"{out} already holds a cache; pass --force to rebuild it")
+        if any(out.iterdir()):
+            raise FileExistsError(f"{out} exists, is not empty and is not a cache; move it away or pick --out")
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _finish_tmp(tmp, out, meta, force=False):
+    """Write meta.json last (itself via temp + rename), then rename the folder into place."""
+    meta = dict(meta, format=FORMAT, created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    (tmp / "meta.json.tmp").write_text(json.dumps(meta, indent=1))
+    os.replace(tmp / "meta.json.tmp", tmp / "meta.json")
+    out = Path(out)
+    if (out / "meta.json").exists() and not force:             # a concurrent run finished first: keep its cache
+        raise FileExistsError(f"{out} was completed by another process meanwhile; pass --force to replace it")
+    if (out / "meta.json").exists():                             # --force: swap, then delete the old cache
+        trash = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, trash)
+        os.rename(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        if out.exists():
+            out.rmdir()                                         # empty placeholder folder
+        os.rename(tmp, out)
+    return out
+
+
+def _write_index(path, rows, extra_cols=()):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["i", "name", "patient", "split", "labels", *extra_cols])
+        for r in rows:
+            w.writerow([r["i"], r["name"], r["patient"], r["split"], "|".join(r["labels"]),
+                        *[r.get(c, "") for c in extra_cols]])
+
+
+class Progress:
+    """One self-overwriting progress line with rate and ETA on stderr."""
+
+    def __init__(self, total, label):
+        self.total, self.label, self.done = total, label, 0
+        self.t0 = self.last = time.time()
+
+    def update(self, n=1):
+        self.done += n
+        now = time.time()
+        if now - self.last > 0.5 or self.done == self.total:
+            self.last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            eta = (self.total - self.done) / max(rate, 1e-9)
+            sys.stderr.write(f"\r{self.label}: {self.done}/{self.total} ({100 * self.done / max(self.total, 1):.1f}%)"
+                             f" {rate:.0f} img/s, ETA {int(eta // 60)}m{int(eta % 60):02d}s   ")
+            sys.stderr.flush()
+
+    def close(self):
+        sys.stderr.write(f"\r{self.label}: {self.done} images in {time.time() - self.t0:.1f}s" + " " * 30 + "\n")
+
+
+def _maybe_die(done):
+    k = os.environ.get(KILL_AFTER_ENV)
+    if k and done >= int(k):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Phantom chest radiographs (issue 2, item 11)
+#
+# Geometry lives in canonical coordinates (u, v) in [-1, 1]^2: u to the image's right (= the patient's
+# left in a PA view), v downwards. Each image draws its own anatomy parameters, then one similarity
+# transform (rotation, scale, shift) maps canonical points to pixels; polygons are rasterised with PIL and
+# combined in numpy as attenuation (bright = dense: bone, heart, soft tissue; dark = air: lungs, trachea).
+# Masks are the same polygons, landmarks the same points, so the ground truth is exact by construction.
+
+def _bezier(p, n=24):
+    """Points on the Bezier curve with control points p (k x 2), n samples including both ends."""
+    t = np.linspace(0, 1, n)[:, None]
+    k = len(p) - 1
+    return sum(math.comb(k, j) * t ** j * (1 - t) ** (k - j) * p[j] for j in range(k + 1))
+
+
+def _ellipse(c, a, b, angle, n=48):
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    ca, sa = math.cos(angle), math.sin(angle)
+    x, y = a * np.cos(t), b * np.sin(t)
+    return np.stack([c[0] + ca * x - sa * y, c[1] + sa * x + ca * y], 1)
+
+
+def phantom_sample(i, size=256, seed=0):
+    """Image i of the phantom with seed `seed`: (image H x W uint8, masks S x H x W uint8 in STRUCTURES order,
+    landmarks L x 2 float32 (x, y) pixels in LANDMARKS order, labels list). Deterministic in (seed, i) only,
+    so any worker can make any image."""
+    rng = np.random.default_rng([seed, i])
+    U = lambda lo, hi: float(rng.uniform(lo, hi))
+    labels = [name for name, p in zip(PHANTOM_LABELS, (0.2, 0.15, 0.15)) if rng.random() < p]
+
+    # canonical -> pixel similarity transform: per-image pose (rotation, size, position)
+    rot, scale = math.radians(U(-6, 6)), U(0.86, 1.0)
+    shift = np.array([U(-0.06, 0.06), U(-0.04, 0.06)])
+    R = scale * np.array([[math.cos(rot), -math.sin(rot)], [math.sin(rot), math.cos(rot)]])
+    px = lambda p: ((np.asarray(p, float).reshape(-1, 2) @ R.T + shift) + 1) * size / 2 - 0.5
+    unit = size / 2 * scale                                  # pixels per canonical unit (for widths)
+
+    def poly(*shapes, width=None):                           # rasterise polygons (or thick polylines) to 0/1
+        im = Image.new("L", (size, size), 0)
+        d = ImageDraw.Draw(im)
+        for p in shapes:
+            pts = px(p).ravel().tolist()              # flat [x0, y0, x1, y1, ...]
+            if width is None:
+                d.polygon(pts, fill=1)
+            else:
+                d.line(pts, fill=1, width=max(1, int(round(width * unit))), joint="curve")
+        return np.asarray(im, np.float32)
+
+    # per-patient anatomy parameters
+    W = U(0.74, 0.86)                                        # half thorax width
+    v_apex = U(-0.80, -0.68)
+    v_dome = {+1: U(0.30, 0.44)}                             # left (image right) hemidiaphragm
+    v_dome[-1] = v_dome[+1] - U(0.02, 0.08)                  # the right dome sits higher (liver)
+    u_med = U(0.08, 0.12)
+    lung_pts, lm = {}, {}
+    for s in (-1, +1):                                       # s = -1: patient's right lung (image left)
+        u_lat = W - U(0.05, 0.09)
+        apex = np.array([s * U(0.30, 0.38), v_apex + U(-0.02, 0.02)])
+        cp = np.array([s * u_lat, v_dome[s] + U(0.12, 0.2)])
+        mb = np.array([s * u_med, v_dome[s] + U(0.0, 0.05)])
+        dome_u = s * (u_med + U(0.62, 0.75) * (u_lat - u_med))  # dome top lateral to the heart apex
+        lateral = _bezier(np.array([apex, [s * (u_lat - 0.05), apex[1] - 0.02],
+                                    [s * (u_lat + 0.07), cp[1] - 0.45], cp]))
+        ctrl_v = 2 * v_dome[s] - 0.5 * (cp[1] + mb[1])       # quadratic whose middle reaches the dome top
+        diaphragm = _bezier(np.array([cp, [dome_u, ctrl_v], mb]), 25)   # its middle point (t = 0.5) is the dome
+        medial = _bezier(np.array([mb, [s * u_med, -0.1], [s * (u_med + 0.02), v_apex + 0.15], apex]))
+        outline = np.concatenate([lateral, diaphragm[1:], medial[1:-1]])
+        lung_pts[s] = outline
+        side = "left" if s > 0 else "right"
+        lm[f"{side}_apex"] = outline[np.argmin(outline[:, 1])]
+        lm[f"{side}_costophrenic"] = cp
+        lm[f"{side}_hemidiaphragm"] = diaphragm[12]
+
+    # heart: tilted ellipse resting on the left dome, shifted to the patient's left; cardiomegaly enlarges it
+    big = 1.4 if "cardiomegaly" in labels else 1.0
+    ha, hb = U(0.29, 0.35) * big, U(0.21, 0.25) * big
+    tilt = math.radians(U(15, 30))                            # long axis points down to the image right
+    hc = np.array([U(0.02, 0.08) + 0.1 * (big - 1), v_dome[+1] - hb * 0.7])
+    heart = _ellipse(hc, ha, hb, tilt)
+    lm["heart_apex"] = hc + ha * np.array([math.cos(tilt), math.sin(tilt)])
+    knob_c, knob_r = np.array([U(0.09, 0.14), U(-0.42, -0.34)]), U(0.05, 0.07)
+    lm["aortic_knob"] = knob_c + [knob_r, 0]
+    carina = np.array([U(-0.02, 0.02), U(-0.36, -0.26)])
+    lm["carina"], lm["trachea_top"] = carina, np.array([carina[0] + U(-0.03, 0.03), -1.0])
+
+    # rasterise
+    half = [[0.2, -1.1], [0.22, -0.97], [0.45, -0.93], [W + 0.04, -0.9], [W + 0.13, -0.74],
+            [W + 0.16, -0.3], [W + 0.15, 0.3], [W + 0.1, 1.1]]                  # neck, shoulder, chest wall
+    body = poly([[-x, y] for x, y in half] + [[x, y] for x, y in half[::-1]])
+    m_heart = poly(heart)
+    m_lung = {s: poly(lung_pts[s]) * (1 - m_heart) for s in (-1, 1)}   # the lung field excludes the heart
+    m_clav = {}
+    for s in (-1, 1):
+        a, b = np.array([s * U(0.06, 0.09), U(-0.70, -0.62)]), np.array([s * (W - U(0.0, 0.08)), U(-0.86, -0.76)])
+        mid = (a + b) / 2
+        m_clav[s] = poly(_bezier(np.array([a, mid + [0, 0.05], mid - [0, 0.05], b])), width=U(0.045, 0.06))
+    lungs = m_lung[-1] + m_lung[1]
+
+    # canonical coordinate grid (for effusion meniscus, spine texture, density gradients)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    Ri = np.linalg.inv(R).astype(np.float32)
+    px_, py_ = (xx + 0.5) * (2 / size) - (1 + float(shift[0])), (yy + 0.5) * (2 / size) - (1 + float(shift[1]))
+    u, v = Ri[0, 0] * px_ + Ri[0, 1] * py_, Ri[1, 0] * px_ + Ri[1, 1] * py_
+
+    img = 0.04 + 0.52 * body                                             # air outside, soft tissue inside
+    img += 0.10 * body * np.clip(v - 0.2, 0, 1)                          # abdomen is denser
+    img -= lungs * (0.40 - 0.12 * np.clip((v - v_apex) / 1.4, 0, 1))     # aerated lungs, denser at the base
+    img += 0.06 * m_heart
+    spine = (np.abs(u) < 0.065).astype(np.float32) * body * (1 - 0.5 * m_heart)   # fainter behind the heart
+    img += spine * (0.16 - 0.06 * (np.cos(2 * np.pi * v / 0.095) > 0.8))  # vertebrae and disc spaces
+    gas = _ellipse([U(0.3, 0.5), v_dome[+1] + U(0.12, 0.18)], U(0.08, 0.14), U(0.05, 0.08), U(-0.3, 0.3))
+    img -= 0.12 * poly(gas)                                   # stomach bubble under the left dome
+    posterior, anterior = [], []
+    t = np.linspace(0, 1, 12)
+    for s in (-1, 1):
+        v0 = v_apex - 0.04 + np.cumsum(rng.uniform(0.1, 0.115, 10)) - 0.1
+        for k in range(10):
+            posterior.append(np.stack([s * (0.06 + t * (W - 0.02)),
+                                       v0[k] - 0.09 * np.sin(np.pi * t * 0.8) + 0.2 * t ** 2], 1))
+            anterior.append(np.stack([s * (W - 0.02 - t * (W - 0.2)), v0[k] + 0.16 + 0.18 * t - 0.08 * t ** 2], 1))
+    ribs = poly(*posterior, width=U(0.026, 0.034)) + 0.45 * poly(*anterior, width=0.024)
+    img += 0.10 * np.minimum(ribs, 1.6) * body
+    img += 0.16 * (m_clav[-1] + m_clav[1])
+    trachea = poly([lm["trachea_top"], carina], width=0.07) + poly(
+        *[[carina, carina + [s * U(0.13, 0.18), U(0.12, 0.18)]] for s in (-1, 1)], width=0.045)
+    img -= 0.14 * np.minimum(trachea, 1) * (1 - lungs)
+    img += 0.07 * poly(_ellipse(knob_c, knob_r, knob_r, 0, 24))
+    branches = []
+    for s in (-1, 1):
+        hilum = np.array([s * (u_med + 0.06), U(-0.15, -0.05)])
+        for _ in range(12):
+            ang = U(-2.2, 2.2) if s > 0 else math.pi + U(-2.2, 2.2)
+            end = hilum + U(0.2, 0.45) * np.array([math.cos(ang), math.sin(ang) * 1.3])
+            mid = (hilum + end) / 2 + rng.normal(0, 0.04, 2)
+            branches.append(_bezier(np.array([hilum, mid, end]), 8))
+    vessels = poly(*branches, width=0.012)
+    img += 0.06 * np.minimum(vessels, 1.5) * lungs
+    if "nodule" in labels:
+        yx = np.argwhere(lungs > 0)
+        y0, x0 = yx[rng.integers(len(yx))]
+        r = U(0.025, 0.05) * unit
+        img += 0.2 * (((xx - x0) ** 2 + (yy - y0) ** 2) < r * r) * lungs
+    if "effusion" in labels:                                 # fluid in one costophrenic recess, meniscus up laterally
+        s = int(rng.choice([-1, 1]))
+        level = v_dome[s] - U(0.05, 0.25)
+        meniscus = level - 0.25 * np.clip(s * u - u_med, 0, None) ** 2 / W
+        img += 0.30 * m_lung[s] * (v > meniscus)
+
+    # per-image appearance: contrast, gamma, blur, noise
+    img = np.clip(img * U(0.85, 1.15) + U(-0.05, 0.05), 0, 1) ** U(0.8, 1.25)
+    im = Image.fromarray((img * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(U(0.3, 1.2) * size / 256))
+    img = np.asarray(im, np.float32) + rng.normal(0, U(1.0, 5.0), (size, size))
+    image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    masks = np.stack([m_heart, m_clav[1], m_clav[-1], m_lung[1], m_lung[-1]]).astype(np.uint8)
+    landmarks = px(np.stack([lm[n] for n in LANDMARKS])).astype(np.float32)
+    landmarks = np.clip(landmarks, 0, size - 1)                # trachea_top sits on the top edge
+    return image, masks, landmarks, labels
+
+
+def _phantom_job(args):
+    i, size, seed, png = args
+    out = phantom_sample(i, size, seed)
+    Image.fromarray(out[0]).save(png, compress_level=1)     # in the worker: PNG encoding is a third of the cost
+    return i, out
+
+
+def phantom_splits(num_images, seed):
+    """70/10/20 train/val/test by a seeded permutation."""
+    perm = np.random.default_rng([seed, 10 ** 6]).permutation(num_images)
+    split = np.empty(num_images, object)
+    n_tr, n_va = int(round(0.7 * num_images)), int(round(0.1 * num_images))
+    split[perm[:n_tr]], split[perm[n_tr:n_tr + n_va]], split[perm[n_tr + n_va:]] = "train", "val", "test"
+    return split
+
+
+def build_phantom(out, num_images=1000, size=256, seed=0, workers=1, force=False, quiet=False):
+    out = Path(out)
+    tmp = _start_tmp(out, force)
+    try:
+        (tmp / "png").mkdir()
+        n, S, L = num_images, len(STRUCTURES), len(LANDMARKS)
+        images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (n, size, size))
+        masks = np.lib.format.open_memmap(tmp / "masks.npy", "w+", np.uint8, (n, S, size, size))
+        landmarks = np.zeros((n, L, 2), np.float32)
+        labels = [None] * n
+        names = [f"phantom_{i:05d}" for i in range(n)]
+        jobs = [(i, size, seed, tmp / "png" / f"{names[i]}.png") for i in range(n)]
+        pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
+        results = pool.imap_unordered(_phantom_job, jobs, chunksize=8) if pool else map(_phantom_job, jobs)
+        prog = None if quiet else Progress(n, "phantom")
+        try:
+            for done, (i, (img, m, lmk, lab)) in enumerate(results, 1):
+                images[i], masks[i], landmarks[i], labels[i] = img, m, lmk, lab
+                if prog:
+                    prog.update()
+                _maybe_die(done)
+        finally:
+            if pool:
+                pool.terminate()
+        if prog:
+            prog.close()
+        images.flush(), masks.flush()
+        del images, masks
+        np.save(tmp / "landmarks.npy", landmarks)
+        split = phantom_splits(n, seed)
+        rows = [dict(i=i, name=names[i], patient=names[i], split=split[i], labels=labels[i]) for i in range(n)]
+        _write_index(tmp / "index.csv", rows)
+        with open(tmp / "landmarks.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["name"] + [f"{l}_{c}" for l in LANDMARKS for c in "xy"])
+            for i in range(n):
+                w.writerow([names[i]] + [f"{x:.2f}" for x in landmarks[i].ravel()])
+        with open(tmp / "labels.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["name"] + PHANTOM_LABELS)
+            for i in range(n):
+                w.writerow([names[i]] + [int(l in labels[i]) for l in PHANTOM_LABELS])
+        for sp in ("train", "val", "test"):
+            (tmp / f"{sp}_list.txt").write_text("".join(f"{names[i]}\n" for i in range(n) if split[i] == sp))
+        meta = dict(dataset="phantom", count=n, height=size, width=size, channels=1, label_names=PHANTOM_LABELS,
+                    structures=STRUCTURES, landmark_names=LANDMARKS, source=f"procedural phantom, seed {seed}",
+                    seed=seed)
+        return _finish_tmp(tmp, out, meta, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def ensure_phantom(root, num_images=1000, size=256, seed=0, workers=None):
+    """Generate the phantom cache at root unless root/meta.json exists; return root. Safe when several
+    processes (e.g. torchrun ranks) call it at once: each builds its own temporary folder, the first rename
+    wins and the others discard theirs."""
+    root = Path(root)
+    if (root / "meta.json").exists():
+        try:
+            meta = json.loads((root / "meta.json").read_text())
+            want = dict(count=num_images, height=size, seed=seed)
+            diff = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
+        except ValueError:
+            diff = {}                                  # open_cache will name the broken file
+        if diff:                                       # the contract: an existing cache is returned as is
+            print(f"warning: using the existing phantom at {root}, which differs from the request "
+                  f"{ {k: f'{a} != {b}' for k, (a, b) in diff.items()} }; delete it to regenerate", file=sys.stderr)
+        return root
+    try:
+        if workers is None:                           # a pool only pays off for bigger sets
+            workers = 1 if num_images < 200 else min(2, os.cpu_count() or 1)
+        build_phantom(root, num_images, size, seed, workers=workers, quiet=True)
+    except (FileExistsError, OSError):
+        if not (root / "meta.json").exists():       # a concurrent process did not win either: a real error
+            raise
+    return root
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decoding one source image (runs in worker processes)
+#
+# Documented pixel recipe (tests recompute it with PIL the same way):
+#   grey:  PIL Image.convert("L")  (ITU-R 601-2 luma, alpha ignored: a grey image stored as RGBA with
+#          R=G=B keeps its values); 16-bit PNGs ("I;16", "I") are min-max scaled to 0..255 first.
+#   RGB:   Image.convert("RGB").  JPEGs are decoded with Image.draft(mode, (size, size)), i.e. by libjpeg's
+#          DCT scaling at the smallest 1/2, 1/4, 1/8 scale still >= size (3888x2592 -> 512 px: 70 ms instead
+#          of ~360 ms per image, measured here on a synthetic JPEG).
+#   fit:   "pad" centres the image on a black square, "crop" takes the centred square, "stretch" neither.
+#   size:  Image.resize((size, size), Image.BILINEAR) (PIL filters with the full support when shrinking,
+#          so this is antialiased); masks use Image.NEAREST and are then thresholded at > 0.
+
+def _to_mode(im, channels):
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(im, np.float64)
+        lo, hi = a.min(), a.max()
+        im = Image.fromarray(np.rint((a - lo) * 255 / max(hi - lo, 1)).astype(np.uint8))
+    return im.convert("L" if channels == 1 else "RGB")
+
+
+def _fit(im, size, fit, resample=Image.BILINEAR):
+    w, h = im.size
+    if fit == "crop" and w != h:
+        s = min(w, h)
+        im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    elif fit == "pad" and w != h:
+        s = max(w, h)
+        canvas = Image.new(im.mode, (s, s), 0)
+        canvas.paste(im, ((s - w) // 2, (s - h) // 2))
+        im = canvas
+    if im.size != (size, size):
+        im = im.resize((size, size), resample)
+    return im
+
+
+def _decode_pil(data, size, channels, fit):
+    im = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+    if im.format == "JPEG":
+        im.draft("L" if channels == 1 else "RGB", (size, size))
+    im.load()                                        # raises on truncated / corrupt files
+    info = {"size": f"{im.size[0]}x{im.size[1]}", "mode": im.mode}
+    return _fit(_to_mode(im, channels), size, fit), info
+
+
+def jsrt_to_grey(raw, path="<bytes>"):
+    """JSRT .IMG: headerless big-endian 12-bit square image (2048 x 2048 in the real set; the side is taken from
+    the file size, so small fakes work). Stored as a negative: grey = 255 - round(v * 255 / 4095)."""
+    n = len(raw) // 2
+    side = math.isqrt(n)
+    if side * side * 2 != len(raw) or side == 0:
+        raise ValueError(f"{path}: {len(raw)} bytes is not a square 16-bit raw image (JSRT is 2048x2048x2 bytes)")
+    a = np.frombuffer(raw, ">u2").reshape(side, side).astype(np.int32)
+    if a.max() > 4095:
+        raise ValueError(f"{path}: values up to {a.max()}, not 12-bit; is this a JSRT .IMG file?")
+    return Image.fromarray((255 - (a * 255 + 2047) // 4095).astype(np.uint8))
+
+
+def dicom_to_grey(path):
+    """DICOM -> 8-bit grey: modality LUT (RescaleSlope/Intercept), then the file's first window
+    (WindowCenter/WindowWidth) if it has one, else its min..max, mapped linearly to 0..255;
+    MONOCHROME1 (bright = air) is inverted so that bone is bright as usual. Returns (PIL image, patient id)."""
+    import pydicom                                   # lazy: only the folder command needs it
+    from pydicom.pixels import apply_modality_lut
+    ds = pydicom.dcmread(path)
+    a = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
+    if a.ndim == 3 and ds.get("SamplesPerPixel", 1) == 1:
+        a = a[0]                                     # multi-frame: first frame
+    if a.ndim == 3:                                  # colour DICOM
+        return Image.fromarray(a.astype(np.uint8)).convert("L"), str(ds.get("PatientID", "") or "")
+    c, w = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if c is not None and w is not None:
+        c, w = (float(np.atleast_1d(np.asarray(x, np.float64))[0]) for x in (c, w))   # may be multi-valued
+        lo, hi = c - w / 2, c + w / 2
+    else:
+        lo, hi = a.min(), a.max()
+    g = np.rint(np.clip((a - lo) / max(hi - lo, 1e-9), 0, 1) * 255).astype(np.uint8)
+    if ds.get("PhotometricInterpretation", "") == "MONOCHROME1":
+        g = 255 - g                                  # after rounding, so the inversion is exact
+    return Image.fromarray(g), str(ds.get("PatientID", "") or "")
+
+
+_OPTS = {}
+
+
+def _worker_init(opts):
+    _OPTS.clear()
+    _OPTS.update(opts)
+
+
+def _decode_task(task):
+    """task = (row, name, kind, src, mask_paths). Returns (row, image, masks, info, error)."""
+    row, name, kind, src, mask_paths = task
+    size, channels, fit = _OPTS["size"], _OPTS["channels"], _OPTS["fit"]
+    if kind == "missing":
+        return row, None, None, {"missing": True}, "missing"
+    if kind == "missing_masks":
+        return row, None, None, None, f"no SCR mask for {[STRUCTURES[j] for j, p in enumerate(mask_paths) if not p]}"
+    try:
+        info = {}
+        if kind == "jsrt":
+            raw = src if isinstance(src, bytes) else Path(src).read_bytes()
+            im = jsrt_to_grey(raw, name)
+            info = {"size": f"{im.size[0]}x{im.size[1]}", "mode": "12-bit raw"}
+            im = _fit(im, size, fit)
+        elif kind == "dicom":
+            im, _ = dicom_to_grey(src)
+            info = {"size": f"{im.size[0]}x{im.size[1]}", "mode": "DICOM"}
+            im = _fit(_to_mode(im, channels), size, fit)
+        else:
+            im, info = _decode_pil(src, size, channels, fit)
+        image = np.asarray(im, np.uint8)
+        masks = None
+        if mask_paths is not None:
+            ms = []
+            for p in mask_paths:
+                m = Image.open(p)
+                m.load()
+                ms.append(np.asarray(_fit(m.convert("L"), size, fit, Image.NEAREST)) > 0)
+            masks = np.stack(ms).astype(np.uint8)
+        return row, image, masks, info, None
+    except Exception as e:                           # reported with the file's name by the caller
+        return row, None, None, None, f"{type(e).__name__}: {e}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Conversion engine shared by chestxray14 / eyepacs / jsrt / folder
+
+def _iter_tasks(items, sem, archives, unexpected, stop):
+    """Yield decode tasks. Items of kind "tar" are looked up by file name in the .tar(.gz) `archives`, read here
+    as a stream (no unpacking) and their bytes handed to the workers; archive members nobody asked for are
+    appended to `unexpected`. `sem` bounds the tasks in flight, so a fast reader never fills memory; `stop`
+    ends the stream early (the consumer failed), so the pool's feeder thread never waits forever."""
+    def acquire():
+        sem.acquire()
+        return not stop.is_set()
+
+    pending = {}
+    for row, it in enumerate(items):
+        if it["kind"] == "tar":
+            pending[it["name"]] = row
+            continue
+        if not acquire():
+            return
+        yield row, it["name"], it.get("decoder", "pil"), it["src"], it.get("masks")
+    for archive in archives if pending else []:
+        try:
+            tf = tarfile.open(archive, "r|*")        # r|*: sequential stream, gz/bz2/xz/plain all work
+            for m in tf:
+                if not m.isfile():
+                    continue
+                base = m.name.rsplit("/", 1)[-1]
+                row = pending.pop(base, None)
+                if row is None:
+                    if base.lower().endswith((".png", ".jpg", ".jpeg")):
+                        unexpected.append(f"{archive.name}:{m.name}")
+                    continue
+                data = tf.extractfile(m).read()
+                if not acquire():
+                    return
+                items[row]["src"] = (str(archive), m.name)
+                yield row, base, items[row].get("decoder", "pil"), data, items[row].get("masks")
+            tf.close()
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            raise RuntimeError(f"archive {archive} is corrupt or truncated ({type(e).__name__}: {e}); "
+                               f"download it again, or unpack what it holds and point --src at the folder") from None
+    for name, row in pending.items():                # in the lists but in no folder and no archive
+        if not acquire():
+            return
+        yield row, name, "missing", None, None
+
+
+def convert(items, out, *, dataset, size, channels, fit, label_names, structures=(), extra_cols=(),
+            skip_bad=False, workers=1, force=False, source="", report=None, archives=(), quiet=False):
+    """Decode `items` (dicts with name, patient, split, labels, kind "file" (src = path) or "tar" (looked up in
+    `archives`), optional decoder / masks / extra) into a cache at `out`, atomically. Returns (out, report)."""
+    out = Path(out)
+    report = dict(report or {})
+    tmp = _start_tmp(out, force)
+    try:
+        n, S = len(items), len(structures)
+        if n == 0:
+            raise ValueError(f"no images to convert for {dataset} (see the report above)")
+        shape = (n, size, size) if channels == 1 else (n, size, size, channels)
+        images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, shape)
+        masks = np.lib.format.open_memmap(tmp / "masks.npy", "w+", np.uint8, (n, S, size, size)) if S else None
+        ok = np.zeros(n, bool)
+        bad, missing, unexpected, sizes, modes = [], [], [], Counter(), Counter()
+        sem, stop = threading.Semaphore(max(4, 16 * workers) if workers > 1 else 10 ** 9), threading.Event()
+        opts = dict(size=size, channels=channels, fit=fit)
+        pool = None
+        if workers > 1:
+            pool = mp.get_context("fork").Pool(workers, _worker_init, (opts,))
+            results = pool.imap_unordered(_decode_task, _iter_tasks(items, sem, archives, unexpected, stop),
+                                         chunksize=1)
+        else:
+            _worker_init(opts)
+            results = map(_decode_task, _iter_tasks(items, sem, archives, unexpected, stop))
+        prog = None if quiet else Progress(n, dataset)
+        try:
+            for done, (row, img, m, info, err) in enumerate(results, 1):
+                sem.release()
+                if info and info.get("missing"):
+                    missing.append(items[row]["name"])
+                elif err is not None:
+                    src = items[row]["src"]
+                    where = "%s:%s" % tuple(src) if isinstance(src, tuple) else src
+                    if not skip_bad:
+                        raise RuntimeError(f"bad source image {where}: {err} (use --skip-bad to skip and report "
+                                           f"such files)")
+                    bad.append({"name": items[row]["name"], "file": str(where), "error": err})
+                else:
+                    images[row], ok[row] = img, True
+                    if masks is not None:
+                        masks[row] = m
+                    sizes[info["size"]] += 1
+                    modes[info["mode"]] += 1
+                if prog:
+                    prog.update()
+                _maybe_die(done)
+        finally:
+            stop.set()
+            sem.release()                            # wake the feeder if it waits for a slot; it then stops
+            if pool:
+                pool.terminate()
+        if prog:
+            prog.close()
+        images.flush()
+        del images
+        if masks is not None:
+            masks.flush()
+            del masks
+        keep = np.flatnonzero(ok)
+        if len(keep) == 0:
+            raise ValueError(f"no readable images for {dataset}; first error: {bad[0] if bad else '?'}")
+        if len(keep) < n:                            # drop bad rows: chunked copy into a compact array
+            for fname in ["images.npy"] + (["masks.npy"] if S else []):
+                src = np.load(tmp / fname, mmap_mode="r")
+                dst = np.lib.format.open_memmap(tmp / (fname + ".compact"), "w+", np.uint8,
+                                                (len(keep),) + src.shape[1:])
+                for a in range(0, len(keep), 256):
+                    dst[a:a + 256] = src[keep[a:a + 256]]
+                dst.flush()
+                del src, dst
+                os.replace(tmp / (fname + ".compact"), tmp / fname)
+        rows = []
+        for new_i, row in enumerate(keep):
+            it = items[row]
+            rows.append(dict(it.get("extra", {}), i=new_i, name=it["name"], patient=it["patient"],
+                             split=it["split"], labels=it["labels"]))
+        _write_index(tmp / "index.csv", rows, extra_cols)
+        split_counts = Counter(r["split"] for r in rows)
+        report.setdefault("missing_files", []).extend(missing)
+        report.setdefault("not_in_csv_or_lists", []).extend(unexpected)
+        report.update(converted=len(keep), bad=bad, source_sizes=dict(sizes.most_common()),
+                      source_modes=dict(modes.most_common()), splits=dict(split_counts))
+        (tmp / "report.json").write_text(json.dumps(report, indent=1))
+        meta = dict(dataset=dataset, count=int(len(keep)), height=size, width=size, channels=channels,
+                    label_names=list(label_names), structures=list(structures), landmark_names=[],
+                    source=str(source), fit=fit, resample="PIL BILINEAR", bad_skipped=len(bad))
+        out = _finish_tmp(tmp, out, meta, force)
+        return out, report
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def print_report(report, file=sys.stderr):
+    """Human summary of a report dict (the full one is in <out>/report.json)."""
+    for k, v in report.items():
+        if isinstance(v, list):
+            shown = ", ".join(x if isinstance(x, str) else f"{x.get('file', x)} ({x.get('error', '')})" for x in v[:5])
+            print(f"  {k}: {len(v)}" + (f"  [{shown}{', ...' if len(v) > 5 else ''}]" if v else ""), file=file)
+        else:
+            print(f"  {k}: {v}", file=file)
+
+
+def _walk(src, exts):
+    """All files under src whose lower-case suffix is in exts, sorted, as {relative posix path: Path}."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(src):
+        dirnames.sort()
+        for f in sorted(filenames):
+            if f.lower().endswith(exts):
+                p = Path(dirpath) / f
+                found[p.relative_to(src).as_posix()] = p
+    return found
+
+
+def patient_split(counts, val_fraction, seed=0):
+    """Deterministic patient-level split. counts: {patient: number of images}. Patients in a seeded random order
+    fill the validation set greedily up to round(val_fraction * images) images (skipping any patient that would
+    overshoot); the rest is train. Returns the set of validation patients. On ChestX-ray14-sized data the count
+    is exact (most patients have few images); on tiny data it is close."""
+    order = sorted(counts)
+    rng = np.random.default_rng(seed)
+    order = [order[j] for j in rng.permutation(len(order))]
+    target = int(round(val_fraction * sum(counts[p] for p in order)))
+    val, got = set(), 0
+    for p in order:
+        if got + counts[p] <= target:
+            val.add(p)
+            got += counts[p]
+        if got == target:
+            break
+    return val
+
+
+# ----------------------------------------------------------------------------------------------------
+# Datasets: turn a downloaded tree into items + a report, then convert()
+
+def _find(found, names, src, what):
+    """The file among `found` (relative paths) whose base name is the first of `names` present."""
+    for n in names:
+        hits = [p for rel, p in found.items() if rel.rsplit("/", 1)[-1] == n]
+        if hits:
+            return hits[0]
+    raise FileNotFoundError(f"{what}: none of {names} found under {src}")
+
+
+def _read_list(path):
+    return [l.strip() for l in Path(path).read_text().splitlines() if l.strip()]
+
+
+def chestxray14_items(src, val_seed=0):
+    """ChestX-ray14 (METHOD.md §9): images/ or images_0NN/images/ folders and/or the .tar.gz archives,
+    Data_Entry_2017(_v2020).csv, train_val_list.txt, test_list.txt."""
+    src = Path(src)
+    found = _walk(src, (".png", ".csv", ".txt", ".tar.gz", ".tgz", ".tar"))
+    entry = _find(found, ["Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv"], src, "ChestX-ray14 label CSV")
+    train_val = _read_list(_find(found, ["train_val_list.txt"], src, "ChestX-ray14 split list"))
+    test = _read_list(_find(found, ["test_list.txt"], src, "ChestX-ray14 split list"))
+    pngs, dup = {}, []
+    for rel, p in found.items():
+        if rel.endswith(".png"):
+            (dup.append(rel) if p.name in pngs else pngs.__setitem__(p.name, p))
+    archives = [p for rel, p in found.items() if rel.endswith((".tar.gz", ".tgz", ".tar"))]
+    csv_rows = {}
+    with open(entry, newline="") as f:
+        rd = csv.reader(f)
+        header = next(rd)
+        pid_col = header.index("Patient ID") if "Patient ID" in header else None
+        view_col = header.index("View Position") if "View Position" in header else None
+        for line, r in enumerate(rd, 2):
+            if not r:
+                continue
+            labels = [] if r[1] == "No Finding" else r[1].split("|")
+            unknown = [l for l in labels if l not in CXR14_LABELS]
+            if unknown:
+                raise ValueError(f"{entry} line {line}: unknown label(s) {unknown}; expected {CXR14_LABELS}")
+            csv_rows[r[0]] = dict(labels=labels, patient=r[pid_col] if pid_col is not None else r[0].split("_")[0],
+                                  view=r[view_col] if view_col is not None else "")
+    both = sorted(set(train_val) & set(test))
+    if both:
+        raise ValueError(f"{both[0]} (and {len(both) - 1} more) in both train_val_list.txt and test_list.txt")
+    listed = list(dict.fromkeys([(n, "trainval") for n in train_val] + [(n, "test") for n in test]))
+    not_in_csv = [n for n, _ in listed if n not in csv_rows]
+    listed = [(n, s) for n, s in listed if n in csv_rows]
+    # patient-level train/val split of train_val in the authors' proportions (75,312 / 11,212)
+    tv_counts = Counter(csv_rows[n]["patient"] for n, s in listed if s == "trainval")
+    val_patients = patient_split(tv_counts, CXR14_VAL / (CXR14_TRAIN + CXR14_VAL), val_seed)
+    items, missing = [], []
+    for n, s in sorted(listed):
+        r = csv_rows[n]
+        split = "test" if s == "test" else ("val" if r["patient"] in val_patients else "train")
+        it = dict(name=n, patient=r["patient"], split=split, labels=r["labels"], extra=dict(view=r["view"]))
+        if n in pngs:
+            items.append(dict(it, kind="file", src=str(pngs[n])))
+        elif archives:
+            items.append(dict(it, kind="tar", src=None))
+        else:
+            missing.append(n)
+    listed_names = set(train_val) | set(test)
+    report = dict(expected_listed=len(train_val) + len(test), expected_full_dataset=112120,
+                  csv=str(entry), csv_rows=len(csv_rows), png_files_found=len(pngs),
+                  archives=[a.name for a in archives],
+                  missing_files=missing, listed_but_not_in_csv=not_in_csv,
+                  not_in_csv_or_lists=sorted(n for n in pngs if n not in csv_rows or n not in listed_names),
+                  duplicate_files=dup)
+    return items, archives, report
+
+
+def eyepacs_items(src, val_fraction=0.1, seed=0):
+    """EyePACS (Kaggle DR): train/*.jpeg + trainLabels.csv (image,level); optionally test/*.jpeg +
+    retinopathy_solution.csv (image,level,Usage) -> split test. Patient = the number before _left/_right;
+    train is split into train/val by patient (val_fraction of the images)."""
+    src = Path(src)
+    found = _walk(src, (".jpeg", ".jpg", ".png", ".csv"))
+    files = {}
+    for rel, p in found.items():
+        if not rel.endswith(".csv"):
+            files.setdefault(p.stem, p)
+    sources = [(_find(found, ["trainLabels.csv"], src, "EyePACS labels"), "train")]
+    try:
+        sources.append((_find(found, ["retinopathy_solution.csv"], src, ""), "test"))
+    except FileNotFoundError:
+        pass
+    rows = {}
+    for path, split in sources:
+        with open(path, newline="") as f:
+            for line, r in enumerate(csv.DictReader(f), 2):
+                if r.get("image") is None or r.get("level") not in {"0", "1", "2", "3", "4"}:
+                    raise ValueError(f"{path} line {line}: need columns image,level with level in 0..4, got {r}")
+                rows[r["image"]] = (split, r["level"])
+    counts = Counter(n.split("_")[0] for n, (s, _) in rows.items() if s == "train" and n in files)
+    val_patients = patient_split(counts, val_fraction, seed)
+    items = []
+    for n, (split, level) in sorted(rows.items()):
+        if n not in files:
+            continue
+        patient = n.split("_")[0]
+        split = "val" if split == "train" and patient in val_patients else split
+        items.append(dict(name=n, patient=patient, split=split, labels=[f"grade{level}"], kind="file",
+                          src=str(files[n]), extra=dict(level=level)))
+    report = dict(expected=len(rows), label_csvs=[str(p) for p, _ in sources], image_files_found=len(files),
+                  missing_files=sorted(n for n in rows if n not in files),
+                  not_in_csv_or_lists=sorted(n for n in files if n not in rows))
+    return items, report
+
+
+SCR_FOLDERS = {"heart": "heart", "left clavicle": "left_clavicle", "right clavicle": "right_clavicle",
+               "left lung": "left_lung", "right lung": "right_lung"}
+
+
+def jsrt_items(src, masks_dir=None, val_every=8):
+    """JSRT .IMG files (+ SCR masks). Split: SCR's two folds when the masks sit under fold1/ fold2/ folders
+    (fold1 -> train, fold2 -> test, the usual SCR protocol), otherwise alternate sorted names (train, test, ...);
+    every `val_every`-th train image (sorted) becomes val. Label "nodule" for JPCLN* (nodule) images."""
+    src = Path(src)
+    imgs = {p.stem.upper(): p for p in _walk(src, (".img",)).values()}
+    masks, fold = {}, {}
+    if masks_dir is not None:
+        for rel, p in _walk(Path(masks_dir), (".gif", ".png")).items():
+            parts = [x.lower().replace("_", " ") for x in rel.split("/")[:-1]]
+            struct = next((SCR_FOLDERS[x] for x in reversed(parts) if x in SCR_FOLDERS), None)
+            if struct is None:
+                continue
+            stem = p.stem.upper()
+            masks.setdefault(stem, {})[struct] = str(p)
+            f = next((x for x in parts if x in ("fold1", "fold2")), None)
+            if f:
+                fold[stem] = f
+    names = sorted(imgs)
+    items, no_masks = [], []
+    for j, n in enumerate(names):
+        split = {"fold1": "train", "fold2": "test"}.get(fold.get(n)) or ("train" if j % 2 == 0 else "test")
+        it = dict(name=n, patient=n, split=split, labels=["nodule"] if n.startswith("JPCLN") else [],
+                  kind="file", src=str(imgs[n]), decoder="jsrt")
+        if masks_dir is not None:
+            have = masks.get(n, {})
+            lacking = [s for s in STRUCTURES if s not in have]
+            if lacking:
+                no_masks.append(f"{n} (missing {lacking})")
+                it["decoder"] = "missing_masks"                  # a bad item: error, or skipped with --skip-bad
+            it["masks"] = [have.get(s) for s in STRUCTURES]
+        items.append(it)
+    train = [it for it in items if it["split"] == "train"]
+    for j, it in enumerate(train):
+        if j % val_every == val_every - 1:
+            it["split"] = "val"
+    report = dict(expected=247, img_files_found=len(imgs), masks_dir=str(masks_dir) if masks_dir else None,
+                  images_with_all_masks=sum(len(masks.get(n, {})) == len(STRUCTURES) for n in names),
+                  images_without_masks=no_masks, masks_without_image=sorted(set(masks) - set(imgs)),
+                  split_rule="SCR folds" if fold else "alternating sorted names")
+    return items, report
+
+
+def folder_items(src):
+    """Any folder of PNG/JPEG/DICOM images (recursive). Name = relative path; patient = DICOM PatientID when
+    present, else the file stem; all split=train (a folder carries no split; use --val-fraction to hold out)."""
+    src = Path(src)
+    found = _walk(src, (".png", ".jpg", ".jpeg", ".dcm", ".dicom"))
+    items = []
+    for rel, p in found.items():
+        it = dict(name=rel, patient=p.stem, split="train", labels=[], kind="file", src=str(p), decoder="pil")
+        if rel.lower().endswith((".dcm", ".dicom")):
+            import pydicom                             # header only: the patient must be known before splitting
+            it["decoder"] = "dicom"
+            try:
+                it["patient"] = str(pydicom.dcmread(p, stop_before_pixels=True).get("PatientID", "") or p.stem)
+            except Exception:
+                pass                                   # unreadable: the decoder names it (or --skip-bad skips it)
+        items.append(it)
+    return items, dict(image_files_found=len(items))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Read speed: what the cache saves over decoding PNGs (the input pipeline itself is measured in adam.py)
+
+def measure_read_speed(root, n=200, png_side=1024, seed=0):
+    """Images/s, on one core, of (a) fetching random rows of the cache's memmap into RAM, (b) decoding the same
+    images as PNG at the cache's size, (c) decoding them as png_side x png_side PNGs (what the authors' loader
+    does with ChestX-ray14's 1024 px files). PNGs are encoded in memory with PIL's default compression,
+    so (b)/(c) exclude disk reads: they are upper bounds of a PNG loader's speed."""
+    c = open_cache(root)
+    rows = np.random.default_rng(seed).choice(len(c), size=min(n, len(c)), replace=False)
+    t = time.perf_counter()
+    for i in rows:
+        np.array(c.images[i])
+    memmap_rate = len(rows) / (time.perf_counter() - t)
+    rates = {"memmap_rows_per_s": memmap_rate}
+    for key, side in (("png_cache_size_per_s", None), (f"png_{png_side}px_per_s", png_side)):
+        blobs = []
+        for i in rows[: max(20, len(rows) // 4)]:
+            im = Image.fromarray(np.array(c.images[i]))
+            if side:
+                im = im.resize((side, side), Image.BILINEAR)
+            buf = io.BytesIO()
+            im.save(buf, "PNG")
+            blobs.append(buf.getvalue())
+        t = time.perf_counter()
+        for b in blobs:
+            np.asarray(Image.open(io.BytesIO(b)).convert("L"))
+        rates[key] = len(blobs) / (time.perf_counter() - t)
+    return dict(cache=str(root), shape=list(c.images.shape), **{k: round(v, 1) for k, v in rates.items()})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+def _scan(args):
+    """Dataset-specific scan of --src: (items, archives, report, convert() keywords)."""
+    archives = ()
+    if args.dataset == "chestxray14":
+        items, archives, report = chestxray14_items(args.src, args.val_seed)
+        kw = dict(channels=1, label_names=CXR14_LABELS, extra_cols=["view"])
+    elif args.dataset == "eyepacs":
+        items, report = eyepacs_items(args.src, seed=args.val_seed)
+        kw = dict(channels=3, label_names=[f"grade{k}" for k in range(5)], extra_cols=["level"])
+    elif args.dataset == "jsrt":
+        items, report = jsrt_items(args.src, args.masks)
+        kw = dict(channels=1, label_names=["nodule"], structures=STRUCTURES if args.masks else ())
+    else:
+        items, report = folder_items(args.src)
+        if args.val_fraction > 0:
+            counts = Counter(it["patient"] for it in items)
+            val = patient_split(counts, args.val_fraction)
+            for it in items:
+                it["split"] = "val" if it["patient"] in val else "train"
+        kw = dict(channels=args.channels, label_names=[])
+    return items, archives, report, kw
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See README 'Data'.",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="dataset", required=True)
+    cmds = {
+        "phantom": "procedural chest radiographs with masks, landmarks and findings (no download)",
+        "chestxray14": "NIH ChestX-ray14: images/ or images_0NN/images/ folders or the .tar.gz archives, plus "
+                       "Data_Entry_2017(_v2020).csv, train_val_list.txt, test_list.txt",
+        "eyepacs": "Kaggle EyePACS: train/*.jpeg + trainLabels.csv (optional test/ + retinopathy_solution.csv)",
+        "jsrt": "JSRT .IMG radiographs (+ SCR masks via --masks) for segmentation",
+        "folder": "any folder of PNG / JPEG / DICOM images (recursive), unlabelled",
+    }
+    for name, help in cmds.items():
+        p = sub.add_parser(name, help=help, description=help)
+        g = p.add_argument_group("input / output")
+        if name != "phantom":
+            g.add_argument("--src", required=True, type=Path, help="the downloaded folder (searched recursively)")
+        g.add_argument("--out", type=Path, default=None, help=f"cache folder to create (default data/{name})")
+        g.add_argument("--force", action="store_true", help="rebuild even if --out already holds a cache")
+        size_help = {
+            "chestxray14": "side of the cached square images. 512 (default): a level-4 part (1/4 of the side, "
+                           "METHOD.md §2) keeps 128 px, so the random resized crop (scale 0.2-1) to 224 "
+                           "upsamples at most ~4x instead of ~8x at 256; 112,120 images take 29 GB. "
+                           "Use 1024 (117 GB) for no loss at all, 384 (16.5 GB) if disk is short.",
+            "phantom": "side of the phantom images (256 default; 64 for tests)",
+        }.get(name, "side of the cached square images (default 512)")
+        g.add_argument("--size", type=int, default=DEFAULT_SIZE[name], help=size_help)
+        if name == "phantom":
+            g.add_argument("--num-images", type=int, default=1000, help="how many phantoms (split 70/10/20)")
+            g.add_argument("--seed", type=int, default=0, help="the phantom set is a pure function of the seed")
+        else:
+            g.add_argument("--skip-bad", action="store_true",
+                           help="skip unreadable / truncated files and list them in report.json instead of failing")
+            g.add_argument("--fit", choices=["pad", "crop", "stretch"], default="crop" if name == "eyepacs" else "pad",
+                           help="non-square images: pad to a black square (keeps all anatomy; default), take the "
+                                "centred square (default for eyepacs: the retina fills the height) or stretch")
+        if name == "jsrt":
+            g.add_argument("--masks", type=Path, default=None,
+                           help="SCR root; searched recursively for <image>.gif under folders named heart, "
+                                "left clavicle, right clavicle, left lung, right lung")
+        if name == "folder":
+            g.add_argument("--channels", type=int, choices=[1, 3], default=1, help="1 grey (X-rays) or 3 RGB")
+            g.add_argument("--val-fraction", type=float, default=0.0,
+                           help="hold out this fraction of images (by patient) as split=val; default all train")
+        if name in ("chestxray14", "eyepacs"):
+            g.add_argument("--val-seed", type=int, default=0, help="seed of the patient-level train/val split")
+        if name != "phantom":
+            g.add_argument("--limit", type=int, default=None,
+                           help="convert only the first N images (sorted by name; splits as for the full set): "
+                                "a quick trial of the whole command before the long run")
+        p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                       help="decoding processes (default: all cores); 1 = in-process, easiest to debug")
+    p = sub.add_parser("speed", help="images/s of cache reads vs PNG decoding (one core)")
+    p.add_argument("--cache", type=Path, required=True, help="a prepared cache folder")
+    p.add_argument("--n", type=int, default=200, help="random rows to read")
+    args = ap.parse_args(argv)
+    if args.dataset == "speed":
+        r = measure_read_speed(args.cache, args.n)
+        print(json.dumps(r))
+        return r
+    out = args.out or Path("data") / args.dataset
+    if args.size < 8:
+        ap.error(f"--size {args.size} is too small (>= 8)")
+    t0 = time.time()
+    if args.dataset == "phantom":
+        try:
+            build_phantom(out, args.num_images, args.size, args.seed, workers=args.workers, force=args.force)
+        except FileExistsError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        print(f"wrote {out}: {args.num_images} phantoms at {args.size}px in {time.time() - t0:.1f}s", file=sys.stderr)
+        return out
+    if not args.src.is_dir():
+        ap.error(f"--src {args.src} is not a folder")
+    common = dict(size=args.size, fit=args.fit, skip_bad=args.skip_bad, workers=args.workers, force=args.force,
+                  source=str(args.src.resolve()))
+    try:
+        items, archives, report, kw = _scan(args)
+    except (FileNotFoundError, ValueError) as e:       # missing CSV / list, malformed CSV: one clear line
+        print(f"error: {e}\nnothing was written to {out}", file=sys.stderr)
+        sys.exit(1)
+    if args.limit is not None:
+        items, archives, report = chestxray14_items(args.src, args.val_seed)
+        kw = dict(channels=1, label_names=CXR14_LABELS, extra_cols=["view"])
+
+        items = items[:args.limit]
+        report["limit"] = args.limit
+    print(f"{args.dataset}: {len(items)} images to convert from {args.src}", file=sys.stderr)
+    try:
+        out, report = convert(items, out, dataset=args.dataset, report=report, archives=archives, **common, **kw)
+    except (RuntimeError, ValueError, FileExistsError) as e:
+        print_report(report)
+        print(f"error: {e}\nnothing was written to {out}", file=sys.stderr)
+        sys.exit(1)
+    print_report(report)
+    for key in ("missing_files", "listed_but_not_in_csv", "bad"):
+        if report.get(key):
+            print(f"WARNING: {len(report[key])} image(s) {key.replace('_', ' ')}: left out of the cache "
+                  f"(names in report.json)", file=sys.stderr)
+    print(f"wrote {out} ({report['converted']} images, {args.size}px) in {time.time() - t0:.1f}s; "
+          f"details in {out / 'report.json'}", file=sys.stderr)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -554,9 +554,11 @@ def jsrt_to_grey(raw, path="<bytes>"):
     return Image.fromarray((255 - (a * 255 + 2047) // 4095).astype(np.uint8))
 
 
-def dicom_to_grey(path):
-    """DICOM -> 8-bit grey: modality LUT (RescaleSlope/Intercept), then the file's first window
-    (WindowCenter/WindowWidth) if it has one, else its min..max, mapped linearly to 0..255;
+def dicom_to_grey(path, window="header"):
+    """DICOM -> 8-bit grey: modality LUT (RescaleSlope/Intercept), then a window mapped linearly to 0..255:
+    window="header": the file's first WindowCenter/WindowWidth if it has one, else its min..max;
+    window="percentile": the image's own 1st..99th percentiles (for files whose header window spans the whole
+    stored range, e.g. pydicom-data's RG1_UNCR.dcm, which the header window renders almost flat).
     MONOCHROME1 (bright = air) is inverted so that bone is bright as usual. Returns (PIL image, patient id)."""
     import pydicom                                   # lazy: only the folder command needs it
     from pydicom.pixels import apply_modality_lut
@@ -567,7 +569,9 @@ def dicom_to_grey(path):
     if a.ndim == 3:                                  # colour DICOM
         return Image.fromarray(a.astype(np.uint8)).convert("L"), str(ds.get("PatientID", "") or "")
     c, w = ds.get("WindowCenter"), ds.get("WindowWidth")
-    if c is not None and w is not None:
+    if window == "percentile":
+        lo, hi = np.percentile(a, [1, 99])
+    elif c is not None and w is not None:
         c, w = (float(np.atleast_1d(np.asarray(x, np.float64))[0]) for x in (c, w))   # may be multi-valued
         lo, hi = c - w / 2, c + w / 2
     else:
@@ -602,7 +606,7 @@ def _decode_task(task):
             info = {"size": f"{im.size[0]}x{im.size[1]}", "mode": "12-bit raw"}
             im = _fit(im, size, fit)
         elif kind == "dicom":
-            im, _ = dicom_to_grey(src)
+            im, _ = dicom_to_grey(src, _OPTS.get("dicom_window", "header"))
             info = {"size": f"{im.size[0]}x{im.size[1]}", "mode": "DICOM"}
             im = _fit(_to_mode(im, channels), size, fit)
         else:
@@ -669,7 +673,8 @@ def _iter_tasks(items, sem, archives, unexpected, stop):
 
 
 def convert(items, out, *, dataset, size, channels, fit, label_names, structures=(), extra_cols=(),
-            skip_bad=False, workers=1, force=False, source="", report=None, archives=(), quiet=False):
+            skip_bad=False, workers=1, force=False, source="", report=None, archives=(), quiet=False,
+            dicom_window="header"):
     """Decode `items` (dicts with name, patient, split, labels, kind "file" (src = path) or "tar" (looked up in
     `archives`), optional decoder / masks / extra) into a cache at `out`, atomically. Returns (out, report)."""
     out = Path(out)
@@ -685,7 +690,7 @@ def convert(items, out, *, dataset, size, channels, fit, label_names, structures
         ok = np.zeros(n, bool)
         bad, missing, unexpected, sizes, modes = [], [], [], Counter(), Counter()
         sem, stop = threading.Semaphore(max(4, 16 * workers) if workers > 1 else 10 ** 9), threading.Event()
-        opts = dict(size=size, channels=channels, fit=fit)
+        opts = dict(size=size, channels=channels, fit=fit, dicom_window=dicom_window)
         pool = None
         if workers > 1:
             pool = mp.get_context("fork").Pool(workers, _worker_init, (opts,))
@@ -1035,7 +1040,7 @@ def _scan(args):
             val = patient_split(counts, args.val_fraction)
             for it in items:
                 it["split"] = "val" if it["patient"] in val else "train"
-        kw = dict(channels=args.channels, label_names=[])
+        kw = dict(channels=args.channels, label_names=[], dicom_window=args.dicom_window)
     return items, archives, report, kw
 
 
@@ -1081,6 +1086,9 @@ def main(argv=None):
                                 "left clavicle, right clavicle, left lung, right lung")
         if name == "folder":
             g.add_argument("--channels", type=int, choices=[1, 3], default=1, help="1 grey (X-rays) or 3 RGB")
+            g.add_argument("--dicom-window", choices=["header", "percentile"], default="header",
+                           help="DICOM grey window: the file's WindowCenter/Width, or its 1st..99th percentiles "
+                                "(use this when the header window spans the whole range and images look flat)")
             g.add_argument("--val-fraction", type=float, default=0.0,
                            help="hold out this fraction of images (by patient) as split=val; default all train")
         if name in ("chestxray14", "eyepacs"):
@@ -1121,9 +1129,6 @@ def main(argv=None):
         print(f"error: {e}\nnothing was written to {out}", file=sys.stderr)
         sys.exit(1)
     if args.limit is not None:
-        items, archives, report = chestxray14_items(args.src, args.val_seed)
-        kw = dict(channels=1, label_names=CXR14_LABELS, extra_cols=["view"])
-
         items = items[:args.limit]
         report["limit"] = args.limit
     print(f"{args.dataset}: {len(items)} images to convert from {args.src}", file=sys.stderr)

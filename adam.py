@@ -451,14 +451,16 @@ def make_loader(images, level, args, num_samples, world, rank, seed, batch):
 
 def time_data(args, images, batch):
     """--time-data N: images/s of the input pipeline alone (AD + both views), no model."""
-    level = args.level_list[-1]
-    loader, _ = make_loader(images, level, args, batch * (args.time_data + 2), 1, 0, args.seed, batch)
+    level, n = args.level_list[-1], min(args.time_data, len(images) // batch - 2)  # one pass, no repeats
+    if n < 1:
+        raise ValueError(f"--time-data needs at least {3 * batch} images, {images.name} has {len(images)}")
+    loader, _ = make_loader(images, level, args, batch * (n + 2), 1, 0, args.seed, batch)
     it = iter(loader)
     next(it), next(it)  # warm-up: worker start, first decode
     t0 = time.perf_counter()
-    for _ in range(args.time_data):
+    for _ in range(n):
         next(it)
-    rate = args.time_data * batch / (time.perf_counter() - t0)
+    rate = n * batch / (time.perf_counter() - t0)
     print(f"input pipeline: {rate:.0f} images/s ({images.name}, level {level}, {args.img_size} px, "
           f"batch {batch}, {args.workers} workers)")
     return rate

@@ -1,0 +1,646 @@
+"""
+Transfer a pretrained ResNet to downstream tasks: classification (ROC AUC), U-Net segmentation (Dice)
+and few-shot segmentation, with the authors' protocol (METHOD.md section 7) and honest statistics.
+
+    python finetune.py --task phantom-heart --init adam:runs/adam --init random --shots 3,6,12,24 --runs 5
+    python finetune.py --task chestxray14 --data-root data/chestxray14 --init moco:moco_v2.pth.tar --runs 3
+
+Starting points (--init, repeatable; "NAME=SPEC" gives a row its own name in the table):
+    adam:PATH         adam.py's <out>/checkpoint.pth, an exported adam_<arch>_level<n>.pth, or a run folder
+    moco:PATH         MoCo-style checkpoint: {"state_dict": {"module.encoder_q.conv1.weight": ...}}
+    torchvision:PATH  a torchvision ResNet state dict (its fc.* head is dropped)
+    random            torchvision's default initialisation
+Every run writes one JSON record to OUT/results.json (a rerun skips the runs already there), a table
+OUT/results.md that reads like the paper's Table 1 (mean +- std over runs, 95% t-interval, paired t-test
+against the first --init on the same few-shot draws) and a plot OUT/results.png of metric vs shots.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+# -----------------------------------------------------------------------------
+# Loading pretrained backbones (shared with eve.py: keep the signature)
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+INIT_KINDS = ("adam", "moco", "torchvision", "random")
+
+
+def _torch_load(path):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)  # never full pickle (METHOD.md 6)
+    except Exception as e:  # weights_only refuses arbitrary objects; say which file
+        raise ValueError(f"could not load {path} with torch.load(weights_only=True): {e}") from e
+
+
+def _resolve_adam_path(path, arch):
+    """A run folder means its last-level exported backbone (or checkpoint.pth if nothing was exported)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    levels = []
+    for p in path.glob(f"adam_{arch}_level*.pth"):
+        m = re.fullmatch(rf"adam_{arch}_level(\d+)\.pth", p.name)
+        if m:
+            levels.append((int(m.group(1)), p))
+    if levels:
+        return max(levels)[1]
+    if (path / "checkpoint.pth").is_file():
+        return path / "checkpoint.pth"
+    others = sorted(p.name for p in path.glob("adam_*_level*.pth"))
+    hint = f" (found {others}: pass the matching --arch)" if others else ""
+    raise FileNotFoundError(f"no adam_{arch}_level<n>.pth or checkpoint.pth in run folder {path}{hint}")
+
+
+def _backbone_state(obj, path, arch):
+    """Dig the backbone's torchvision-named tensors out of any supported checkpoint layout."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
+    if isinstance(obj.get("arch"), str) and obj["arch"] != arch:
+        raise ValueError(f"{path} holds a {obj['arch']} but --arch is {arch}: pass --arch {obj['arch']}")
+    for wrapper in ("student", "state_dict", "model"):  # adam.py / MoCo / generic trainers
+        if isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
+    sd = {k: v for k, v in obj.items() if torch.is_tensor(v)}
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}  # DataParallel
+    # MoCo keeps both encoders (encoder_q, encoder_k) and the queue; adam.py keeps backbone + head.
+    # Take the query / student backbone only.
+    for prefix in ("encoder_q.", "backbone."):
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            break
+    # Drop projection / classification heads: fc.weight (linear) or fc.0 / fc.2 (MoCo-v2 MLP).
+    return {k: v for k, v in sd.items() if not k.startswith("fc.")}
+
+
+def load_backbone(init: str, arch: str = "resnet50") -> nn.Module:
+    """torchvision ResNet with fc = nn.Identity(), initialised from `init` (see module docstring)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown --arch {arch!r}; choose from {ARCHS}")
+    model = getattr(torchvision.models, arch)(weights=None)
+    model.fc = nn.Identity()
+    kind, _, path = init.partition(":")
+    if kind == "random" and not path:
+        return model
+    if kind not in INIT_KINDS or not path:
+        raise ValueError(f"bad --init {init!r}: use adam:PATH, moco:PATH, torchvision:PATH or random")
+    if kind == "adam":
+        path = _resolve_adam_path(path, arch)
+    sd = _backbone_state(_torch_load(path), path, arch)
+    want = model.state_dict()
+    # Old checkpoints may lack BatchNorm's num_batches_tracked counters; they carry no learned weights.
+    for k in want:
+        if k.endswith("num_batches_tracked") and k not in sd:
+            sd[k] = want[k]
+    missing = [k for k in want if k not in sd]
+    shaped = [f"{k} {tuple(sd[k].shape)} != {tuple(want[k].shape)}"
+              for k in want if k in sd and sd[k].shape != want[k].shape]
+    extra = [k for k in sd if k not in want]
+    if missing or shaped or extra:
+        parts = []
+        for name, keys in (("missing", missing), ("mis-shaped", shaped), ("unexpected", extra)):
+            if keys:
+                parts.append(f"{len(keys)} {name}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
+        raise ValueError(f"{init}: {path} does not hold a complete {arch} backbone ({'; '.join(parts)}). "
+                         f"Is --arch right, and is this a {kind} checkpoint?")
+    model.load_state_dict(sd)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Tasks and presets
+
+# name -> kind, cache dataset, default root, what to predict
+TASKS = {
+    "chestxray14":      dict(kind="cls", loss="bce", dataset="chestxray14", root="data/chestxray14", preset="gpu"),
+    "eyepacs":          dict(kind="cls", loss="ce", dataset="eyepacs", root="data/eyepacs", preset="gpu"),
+    "phantom-findings": dict(kind="cls", loss="bce", dataset="phantom", root="data/phantom", preset="cpu"),
+    "phantom-heart":    dict(kind="seg", structures=("heart",), dataset="phantom", root="data/phantom", preset="cpu"),
+    "phantom-clavicle": dict(kind="seg", structures=("left_clavicle", "right_clavicle"), dataset="phantom",
+                             root="data/phantom", preset="cpu"),
+    "phantom-lungs":    dict(kind="seg", structures=("left_lung", "right_lung"), dataset="phantom",
+                             root="data/phantom", preset="cpu"),
+    "scr-heart":        dict(kind="seg", structures=("heart",), dataset="jsrt", root="data/jsrt", preset="gpu"),
+    "scr-clavicle":     dict(kind="seg", structures=("left_clavicle", "right_clavicle"), dataset="jsrt",
+                             root="data/jsrt", preset="gpu"),
+}
+# gpu = the authors' recipe (METHOD.md 7); cpu = small enough for the phantom on 2 cores in minutes.
+# The cpu preset also narrows the U-Net decoder 2x (smp's default is 256,128,64,32,16): the decoder starts
+# random for every init, and at 64 px it cost ~40% of a step on 2 cores (measured: 1.29 s -> 0.73 s per
+# batch-8 step, one thread, busy machine).
+PRESETS = {
+    "gpu": dict(arch="resnet50", img_size=224, epochs=200, batch_size=32, decoder_channels="256,128,64,32,16"),
+    "cpu": dict(arch="resnet18", img_size=64, epochs=30, batch_size=8, decoder_channels="128,64,32,16,8"),
+}
+LR = {"cls": 2e-4, "seg": 1e-3}  # METHOD.md 7: Adam lr 2e-4 (classification), 1e-3 (segmentation)
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def open_task_cache(task, root):
+    import data_prep  # the same code adam.py uses to read (and for the phantom, make) the data
+    spec = TASKS[task]
+    root = Path(root or spec["root"])
+    if spec["dataset"] == "phantom" and not (root / "meta.json").exists():
+        print(f"phantom set missing at {root}: generating it with data_prep.ensure_phantom", flush=True)
+        data_prep.ensure_phantom(root)
+    cache = data_prep.open_cache(root)
+    if spec["kind"] == "seg":
+        have = list(cache.meta.get("structures", []))
+        if cache.masks is None or not set(spec["structures"]) <= set(have):
+            raise ValueError(f"--task {task} needs masks {spec['structures']} but {root}/masks.npy "
+                             f"{'is missing' if cache.masks is None else f'holds only {have}'}")
+    elif not cache.meta.get("label_names"):
+        raise ValueError(f"--task {task} needs labels but {root}/meta.json has no label_names")
+    return cache
+
+
+def draw_shots(train_rows, shots, seed):
+    """Few-shot draw: `shots` distinct training rows, a pure function of (seed, shots)."""
+    train_rows = sorted(train_rows)
+    if shots > len(train_rows):
+        raise ValueError(f"--shots {shots} > {len(train_rows)} training images")
+    rng = np.random.default_rng([seed, shots])
+    return sorted(int(i) for i in rng.choice(train_rows, size=shots, replace=False))
+
+
+class CacheDataset(torch.utils.data.Dataset):
+    """Rows of a data_prep cache as (3 x S x S normalised image, target); mode in train / val / test."""
+
+    def __init__(self, cache, rows, task, img_size, mode):
+        self.cache, self.rows, self.spec, self.mode = cache, list(rows), TASKS[task], mode
+        self.labels = list(cache.meta.get("label_names", []))
+        self.label_of = {r["i"]: r["labels"] for r in cache.index}  # i = row of images.npy
+        structures = list(cache.meta.get("structures", []))
+        self.channels = [structures.index(s) for s in self.spec.get("structures", ())]
+        S, R = img_size, int(round(img_size * 256 / 224))  # classification test: resize 256, crop 224
+        if self.spec["kind"] == "seg":  # our choice (the paper gives none); no flips: left != right (METHOD.md 3)
+            self.tf = (v2.Compose([v2.RandomResizedCrop(S, scale=(0.7, 1.0), ratio=(0.9, 1.1)),
+                                   v2.RandomRotation(10)]) if mode == "train" else v2.Resize((S, S)))
+        elif mode == "train":  # METHOD.md 7: random resized crop, horizontal flip, rotation +-7
+            self.tf = v2.Compose([v2.RandomResizedCrop(S), v2.RandomHorizontalFlip(), v2.RandomRotation(7)])
+        elif mode == "val":  # one centre crop keeps validation cheap; the ten crops are for the test
+            self.tf = v2.Compose([v2.Resize(R), v2.CenterCrop(S)])
+        else:
+            self.tf = v2.Compose([v2.Resize(R), v2.TenCrop(S)])
+        self.norm = v2.Normalize(MEAN, STD)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def target(self, i):
+        names = self.label_of[i]
+        if self.spec.get("loss") == "ce":
+            if len(names) != 1 or names[0] not in self.labels:
+                raise ValueError(f"{self.cache.root}/index.csv row {i}: expected one grade of {self.labels}, "
+                                 f"got {names}")
+            return torch.tensor(self.labels.index(names[0]))
+        y = torch.zeros(len(self.labels))
+        for n in names:
+            y[self.labels.index(n)] = 1.0
+        return y
+
+    def __getitem__(self, j):
+        i = self.rows[j]
+        x = torch.from_numpy(np.array(self.cache.images[i]))
+        x = x.permute(2, 0, 1) if x.ndim == 3 else x[None].expand(3, -1, -1)  # grey -> 3 channels
+        x = tv_tensors.Image(x.float() / 255)
+        if self.spec["kind"] == "seg":
+            m = torch.from_numpy(np.array(self.cache.masks[i, self.channels])).amax(0, keepdim=True)  # 1 x H x W
+            x, m = self.tf(x, tv_tensors.Mask(m))
+            return self.norm(x), m.float()
+        x = self.tf(x)
+        x = torch.stack([self.norm(c) for c in x]) if self.mode == "test" else self.norm(x)  # 10 x 3 x S x S
+        return x, self.target(i)
+
+
+# -----------------------------------------------------------------------------
+# Models, losses, metrics
+
+class Classifier(nn.Module):
+    def __init__(self, backbone, num_outputs):
+        super().__init__()
+        self.backbone = backbone
+        self.fc = nn.Linear(backbone.inplanes, num_outputs)  # inplanes = 512 * expansion after the last layer
+
+    def forward(self, x):
+        return self.fc(self.backbone(x))
+
+
+def build_model(task, init, arch, num_outputs, decoder_channels=(256, 128, 64, 32, 16)):
+    backbone = load_backbone(init, arch)
+    if TASKS[task]["kind"] == "cls":
+        return Classifier(backbone, num_outputs)
+    import segmentation_models_pytorch as smp  # the U-Net the authors used; its ResNet encoders are torchvision's
+    unet = smp.Unet(encoder_name=arch, encoder_weights=None, in_channels=3, classes=1,
+                    decoder_channels=tuple(decoder_channels))
+    unet.encoder.load_state_dict(backbone.state_dict())  # strict: same keys (no fc / avgpool)
+    return unet
+
+
+def encoder_of(model):
+    """The pretrained part: Classifier.backbone or the U-Net's encoder."""
+    return model.backbone if isinstance(model, Classifier) else model.encoder
+
+
+def dice_loss(logits, target, eps=1.0):
+    """Soft Dice, per image then averaged. logits, target: B x 1 x H x W. eps keeps empty masks finite."""
+    p = torch.sigmoid(logits).flatten(1)
+    t = target.flatten(1)
+    return (1 - (2 * (p * t).sum(1) + eps) / (p.sum(1) + t.sum(1) + eps)).mean()
+
+
+def dice_score(pred, target):
+    """Hard Dice per image (N,); pred, target: N x ... bool. Both empty counts as 1."""
+    pred, target = pred.flatten(1).float(), target.flatten(1).float()
+    inter, total = (pred * target).sum(1), pred.sum(1) + target.sum(1)
+    return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
+
+
+def roc_auc(y_true, y_score):
+    """Per-class ROC AUC (nan where the test set holds only one value) and their mean over defined classes."""
+    from sklearn.metrics import roc_auc_score
+    y_true, y_score = np.asarray(y_true), np.asarray(y_score)
+    per = [float(roc_auc_score(y_true[:, c], y_score[:, c])) if len(np.unique(y_true[:, c])) == 2 else math.nan
+           for c in range(y_true.shape[1])]
+    ok = [a for a in per if not math.isnan(a)]
+    return per, (float(np.mean(ok)) if ok else math.nan)
+
+
+# -----------------------------------------------------------------------------
+# Statistics over runs
+
+def summarize(values):
+    """mean, std (ddof 1) and the 95% t-interval of the mean."""
+    from scipy import stats
+    v = np.asarray(values, dtype=float)
+    n, mean = len(v), float(v.mean())
+    if n < 2:
+        return dict(n=n, mean=mean, std=math.nan, ci_lo=math.nan, ci_hi=math.nan)
+    std = float(v.std(ddof=1))
+    half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
+    return dict(n=n, mean=mean, std=std, ci_lo=mean - half, ci_hi=mean + half)
+
+
+def paired_test(a, b):
+    """Two-sided paired t-test (scipy.stats.ttest_rel) of a vs b run on the same draws and seeds."""
+    from scipy import stats
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    p = float(stats.ttest_rel(a, b).pvalue) if len(a) >= 2 and np.any(a != b) else math.nan
+    return dict(n=len(a), mean_diff=float((a - b).mean()), p=p)
+
+
+# -----------------------------------------------------------------------------
+# One run: train with early stopping on validation loss, test the best epoch
+
+def _atomic(path, write):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _loss_fn(task):
+    spec = TASKS[task]
+    if spec["kind"] == "seg":
+        return dice_loss
+    return F.cross_entropy if spec["loss"] == "ce" else F.binary_cross_entropy_with_logits
+
+
+@torch.no_grad()
+def _val_loss(model, loader, loss_fn, device):
+    model.eval()
+    total, n = 0.0, 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        total += float(loss_fn(model(x), y)) * len(x)
+        n += len(x)
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def _test(model, loader, task, device, label_names):
+    model.eval()
+    spec = TASKS[task]
+    if spec["kind"] == "seg":
+        scores = [dice_score(model(x.to(device)) > 0, y.to(device) > 0.5).cpu() for x, y in loader]
+        return dict(metric="dice", value=100 * float(torch.cat(scores).mean()))
+    probs, targets = [], []
+    for x, y in loader:  # x: B x 10 x 3 x S x S, the ten crops averaged (METHOD.md 7)
+        B = x.shape[0]
+        logits = model(x.flatten(0, 1).to(device)).view(B, 10, -1)
+        p = logits.softmax(-1) if spec["loss"] == "ce" else logits.sigmoid()
+        probs.append(p.mean(1).cpu())
+        targets.append(y)
+    probs, targets = torch.cat(probs).numpy(), torch.cat(targets)
+    if spec["loss"] == "ce":  # one-vs-rest AUC per grade
+        targets = F.one_hot(targets, len(label_names))
+    per, mean = roc_auc(targets.numpy(), probs)
+    return dict(metric="auc", value=100 * mean, per_class={n: a for n, a in zip(label_names, per)})
+
+
+def run_one(args, cache, task, label, spec, shots, seed, log_prefix=""):
+    t0 = time.time()
+    device = torch.device(args.device)
+    torch.manual_seed(seed)  # same seed for every init: same head init, same batches, same augmentation
+    kind = TASKS[task]["kind"]
+    train_rows = cache.rows("train")
+    for split in ("train", "val", "test"):
+        if not cache.rows(split):
+            raise ValueError(f"{cache.root}/index.csv has no {split!r} rows; {task} needs train, val and test")
+    if shots:
+        train_rows = draw_shots(train_rows, shots, seed)
+    labels = list(cache.meta.get("label_names", []))
+    model = build_model(task, spec, args.arch, len(labels), args.decoder_channels).to(device)
+    if args.freeze:  # linear probe / frozen encoder: BatchNorm statistics stay the pretrained ones
+        for p in encoder_of(model).parameters():
+            p.requires_grad_(False)
+    ds = lambda rows, mode: CacheDataset(cache, rows, task, args.img_size, mode)
+    # An epoch is at least --min-iters batches so that 3 shots still give the optimiser a few steps.
+    train_ds = ds(train_rows, "train")
+    n_samples = max(len(train_ds), args.batch_size * args.min_iters)
+    g = torch.Generator().manual_seed(seed)
+    sampler = torch.utils.data.RandomSampler(train_ds, num_samples=n_samples, generator=g)
+    mk = lambda d, **kw: torch.utils.data.DataLoader(d, batch_size=args.batch_size, num_workers=args.workers,
+                                                     pin_memory=device.type == "cuda", **kw)
+    train_loader = mk(train_ds, sampler=sampler, drop_last=n_samples >= args.batch_size)
+    val_rows = cache.rows("val")[:args.val_images] if args.val_images else cache.rows("val")  # fixed subset
+    val_loader = mk(ds(val_rows, "val"))
+    loss_fn = _loss_fn(task)
+    lr = _config(args)["lr"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr, foreach=True)  # foreach: one fused update, faster on CPU too
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=5)  # METHOD.md 7
+    best, best_state, best_epoch, bad, epoch_times = math.inf, None, 0, 0, []
+    for epoch in range(1, args.epochs + 1):
+        te = time.time()
+        model.train()
+        if args.freeze:
+            encoder_of(model).eval()
+        train_loss, n = 0.0, 0
+        for x, y in train_loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = loss_fn(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            train_loss, n = train_loss + loss.item() * len(x), n + len(x)
+        val = _val_loss(model, val_loader, loss_fn, device)
+        sched.step(val)
+        if val < best:
+            best, best_epoch, bad = val, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())  # kept in memory, written once at the end
+        else:
+            bad += 1
+        epoch_times.append(time.time() - te)
+        eta = np.mean(epoch_times) * (args.epochs - epoch)
+        print(f"{log_prefix}epoch {epoch}/{args.epochs} train {train_loss / max(n, 1):.4f} val {val:.4f} "
+              f"best {best:.4f}@{best_epoch} lr {opt.param_groups[0]['lr']:.1e} {epoch_times[-1]:.1f}s "
+              f"eta<={eta:.0f}s", flush=True)
+        if bad >= args.patience:  # METHOD.md 7: early stop after 10 epochs without improvement
+            break
+    if best_state is None:  # validation loss was never finite: test the last epoch, and say so
+        print(f"{log_prefix}warning: validation loss never finite; testing the last epoch", flush=True)
+        best_state = copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    test_ds = CacheDataset(cache, cache.rows("test"), task, args.img_size, "test")
+    res = _test(model, mk(test_ds), task, device, labels)
+    record = dict(init=label, init_spec=spec, task=task, shots=shots, run=None, seed=seed, **res,
+                  epochs=epoch, best_epoch=best_epoch, best_val_loss=best, time_s=round(time.time() - t0, 2),
+                  **_config(args), n_train=len(train_rows), n_test=len(test_ds), device=str(device),
+                  train_rows=train_rows if shots else None)  # the few-shot draw, for audits and pairing
+    if args.save == "best":
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{label}_{task}_{shots or 'all'}shot_seed{seed}")
+        _atomic(Path(args.out) / "checkpoints" / f"{name}.pth",
+                lambda p: torch.save({"model": best_state, "record": {k: v for k, v in record.items()
+                                      if not isinstance(v, (dict, list))}}, p))
+    return record
+
+
+# -----------------------------------------------------------------------------
+# Reports: results.json, results.md (Table 1 style), results.png
+
+def _config(args):
+    """Settings that change a run's result: a rerun with the same ones is skipped (resume)."""
+    kind = TASKS[args.task]["kind"]
+    return dict(arch=args.arch, img_size=args.img_size, freeze=args.freeze, lr=args.lr or LR[kind],
+                batch_size=args.batch_size, max_epochs=args.epochs, patience=args.patience, min_iters=args.min_iters,
+                decoder_channels=args.decoder_channels if kind == "seg" else None,
+                val_images=args.val_images)
+
+
+def _key(r):
+    return (r["task"], r["init"], r["shots"], r["seed"]) + tuple(json.dumps(r[k]) for k in sorted(CONFIG_KEYS))
+
+
+CONFIG_KEYS = ("arch", "img_size", "freeze", "lr", "batch_size", "max_epochs", "patience", "min_iters",
+               "decoder_channels", "val_images")
+
+
+def _groups(records):
+    """task -> init -> shots -> {seed: value} (preserving first-seen order of inits and shots)."""
+    out = {}
+    for r in records:
+        out.setdefault(r["task"], {}).setdefault(r["init"], {}).setdefault(r["shots"], {})[r["seed"]] = r["value"]
+    return out
+
+
+def write_table(records, path):
+    fmt = lambda x, d=2: "–" if x is None or math.isnan(x) else f"{x:.{d}f}"
+    lines = []
+    for task, inits in _groups(records).items():
+        metric = next(r["metric"] for r in records if r["task"] == task)
+        shots = sorted({s for by in inits.values() for s in by}, key=lambda s: (s is None, s or 0))
+        cols = [f"{s}-shot" if s else "all" for s in shots]
+        head = f"| Method | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols)
+        lines += [f"## {task}: {metric} (%), mean ± std over runs", "", head]
+        stats = {i: {s: summarize(list(by[s].values())) for s in by} for i, by in inits.items()}
+        for init, by in stats.items():
+            lines.append(f"| {init} | " + " | ".join(
+                f"{fmt(by[s]['mean'])} ± {fmt(by[s]['std'])}" if s in by else "" for s in shots) + " |")
+        lines += ["", "95% confidence interval of the mean (t distribution), runs n:", "", head]
+        for init, by in stats.items():
+            lines.append(f"| {init} | " + " | ".join(
+                f"[{fmt(by[s]['ci_lo'])}, {fmt(by[s]['ci_hi'])}] n={by[s]['n']}" if s in by else ""
+                for s in shots) + " |")
+        ref = next(iter(inits))
+        if len(inits) > 1:
+            lines += ["", f"Paired difference vs {ref} on the same draws and seeds "
+                          "(two-sided paired t-test, scipy.stats.ttest_rel): Δ mean (p)", "", head]
+            for init, by in inits.items():
+                if init == ref:
+                    continue
+                cells = []
+                for s in shots:
+                    common = sorted(set(by.get(s, {})) & set(inits[ref].get(s, {})))
+                    if not common:
+                        cells.append("")
+                        continue
+                    t = paired_test([by[s][k] for k in common], [inits[ref][s][k] for k in common])
+                    cells.append(f"{t['mean_diff']:+.2f} (p={fmt(t['p'], 3)}, n={t['n']})")
+                lines.append(f"| {init} | " + " | ".join(cells) + " |")
+        lines.append("")
+    text = "\n".join(lines)
+    _atomic(path, lambda p: Path(p).write_text(text))
+    return text
+
+
+def write_plot(records, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    groups = _groups(records)
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for ax, (task, inits) in zip(axes[0], groups.items()):
+        n_all = max((r["n_train"] for r in records if r["task"] == task and not r["shots"]), default=None)
+        for init, by in inits.items():
+            xs = sorted(by, key=lambda s: s or n_all)
+            st = [summarize(list(by[s].values())) for s in xs]
+            ax.errorbar([s or n_all for s in xs], [d["mean"] for d in st],
+                        yerr=[0 if math.isnan(d["std"]) else d["std"] for d in st], marker="o", capsize=3, label=init)
+        metric = next(r["metric"] for r in records if r["task"] == task)
+        ticks = sorted({s or n_all for by in inits.values() for s in by})
+        ax.set(xscale="log", xlabel="labelled training images (shots)", ylabel=f"{metric} (%)", title=task)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _atomic(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("task and data")
+    g.add_argument("--task", required=True, choices=list(TASKS), help="downstream task")
+    g.add_argument("--data-root", default=None,
+                   help="data_prep cache (default data/<dataset>); phantom tasks generate it when missing")
+    g = p.add_argument_group("starting points")
+    g.add_argument("--init", action="append", default=None,
+                   help="repeatable: adam:PATH, moco:PATH, torchvision:PATH or random, optionally NAME=SPEC; "
+                        "the first one is the reference of the paired test (default: random)")
+    g.add_argument("--arch", default=None, choices=ARCHS, help="ResNet depth; must match the checkpoint "
+                   "(default: resnet50 on real data, resnet18 on phantoms)")
+    g.add_argument("--freeze", action="store_true",
+                   help="train only the head (linear probe) / the U-Net decoder; encoder weights and BN stay")
+    g = p.add_argument_group("few-shot and repetitions")
+    g.add_argument("--shots", default=None, help="comma list such as 3,6,12,24: labelled training images drawn "
+                   "from the train split (default: the whole train split)")
+    g.add_argument("--runs", type=int, default=1, help="repetitions with seeds seed, seed+1, ...: the draw and "
+                   "the training differ per run, and are the same for every --init (paired)")
+    g.add_argument("--seed", type=int, default=0, help="first seed; recorded in every result")
+    g = p.add_argument_group("optimisation (defaults: --preset)")
+    g.add_argument("--preset", default="auto", choices=("auto", "cpu", "gpu"),
+                   help="gpu = authors' recipe (resnet50, 224 px, batch 32, 200 epochs with early stopping); "
+                        "cpu = resnet18, 64 px, batch 8, 30 epochs; auto = cpu for phantom tasks")
+    g.add_argument("--img-size", type=int, default=None, help="side in pixels (U-Net needs a multiple of 32)")
+    g.add_argument("--epochs", type=int, default=None, help="max epochs; early stopping usually ends sooner")
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--lr", type=float, default=None, help="Adam lr (default 2e-4 classification, 1e-3 segmentation)")
+    g.add_argument("--patience", type=int, default=10, help="early stop after this many epochs without a "
+                   "better validation loss (METHOD.md 7); ReduceLROnPlateau halves lr after 5")
+    g.add_argument("--decoder-channels", default=None,
+                   help="U-Net decoder widths, 5 comma-separated ints (gpu preset: smp's 256,128,64,32,16)")
+    g.add_argument("--val-images", type=int, default=None, help="early-stop on the first N validation images "
+                   "only (saves CPU time; default: all)")
+    g.add_argument("--min-iters", type=int, default=10, help="at least this many batches per epoch (few-shot "
+                   "sets are cycled), so a 3-shot epoch is not one step")
+    g = p.add_argument_group("system and output")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--workers", type=int, default=None, help="data loader workers (default 4 on GPU, 0 on CPU)")
+    g.add_argument("--out", default="runs/finetune", help="results.json / results.md / results.png go here")
+    g.add_argument("--save", default="best", choices=("best", "none"),
+                   help="best: write each run's best-epoch weights to OUT/checkpoints/")
+    args = p.parse_args(argv)
+    preset = PRESETS[TASKS[args.task]["preset"] if args.preset == "auto" else args.preset]
+    for k, v in preset.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    try:
+        args.decoder_channels = [int(c) for c in args.decoder_channels.split(",")]
+        assert len(args.decoder_channels) == 5
+    except (ValueError, AssertionError):
+        p.error(f"--decoder-channels {args.decoder_channels!r}: expected 5 comma-separated integers")
+    if args.workers is None:
+        args.workers = 4 if args.device.startswith("cuda") else 0
+    args.init = args.init or ["random"]
+    try:
+        args.shots = [int(s) for s in args.shots.split(",")] if args.shots else [None]
+    except ValueError:
+        p.error(f"--shots {args.shots!r}: expected a comma list of integers such as 3,6,12,24")
+    if any(s is not None and s < 1 for s in args.shots):
+        p.error("--shots must be positive")
+    if TASKS[args.task]["kind"] == "seg" and args.img_size % 32:
+        p.error(f"--img-size {args.img_size}: the U-Net needs a multiple of 32")
+    return args
+
+
+def _parse_init(s):
+    name, eq, spec = s.partition("=")
+    if eq and ":" not in name and "/" not in name:
+        return name, spec
+    return s, s
+
+
+def main(argv=None):
+    args = get_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = open_task_cache(args.task, args.data_root)
+    results_path = out / "results.json"
+    records = json.loads(results_path.read_text()) if results_path.exists() else []
+    done = {_key(r) for r in records if all(k in r for k in CONFIG_KEYS)}
+    config = _config(args)
+    key_of = lambda label, shots, seed: _key(dict(task=args.task, init=label, shots=shots, seed=seed, **config))
+    inits = [_parse_init(s) for s in args.init]
+    jobs = [(shots, run, label, spec) for shots in args.shots for run in range(args.runs) for label, spec in inits]
+    t_start, n_done = time.time(), 0
+    for j, (shots, run, label, spec) in enumerate(jobs):
+        seed = args.seed + run
+        key = key_of(label, shots, seed)
+        if key in done:
+            print(f"skip (already in {results_path}): {label} {shots or 'all'}-shot seed {seed}", flush=True)
+            continue
+        prefix = f"[{j + 1}/{len(jobs)} {label} {args.task} {shots or 'all'}-shot seed {seed}] "
+        r = run_one(args, cache, args.task, label, spec, shots, seed, log_prefix=prefix)
+        r["run"] = run
+        records.append(r)
+        done.add(key)
+        _atomic(results_path, lambda p: Path(p).write_text(json.dumps(records, indent=1)))
+        n_done += 1
+        left = sum(1 for sh, ru, la, _ in jobs[j + 1:] if key_of(la, sh, args.seed + ru) not in done)
+        eta = (time.time() - t_start) / n_done * left
+        print(f"{prefix}{r['metric']} {r['value']:.2f}% after {r['epochs']} epochs (best {r['best_epoch']}) "
+              f"in {r['time_s']:.0f}s; {left} runs left, eta {eta:.0f}s", flush=True)
+    mine = [r for r in records if r["task"] == args.task]
+    table = write_table(records, out / "results.md") if records else ""
+    if records:
+        write_plot(records, out / "results.png")
+    print(table)
+    return dict(out=str(out), records=mine, table=table)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
+        sys.exit(f"finetune.py: error: {e}")

@@ -1,0 +1,294 @@
+"""Benchmark of the pruned InfoNCE loss (METHOD.md §4, §6): three ways to compute the same number.
+
+  torch  - adam.info_nce, the readable pure-PyTorch reference (builds B x K matrices)
+  loop   - the authors' formulation re-expressed for the record: a Python loop over anchors,
+           one masked cross-entropy each. At big shapes only --loop-anchors anchors are timed and
+           the time is extrapolated linearly to B (the loop is embarrassingly linear in B); the
+           table marks such rows with "~".
+  fused  - adam_ext.info_nce, the fused op (csrc/): one pass over the bank, no B x K buffer
+
+Measured: forward (under no_grad), forward+backward (grad w.r.t. q), peak extra memory of one
+forward+backward call, and on CUDA the achieved bandwidth (one read of the bank) and TFLOP/s
+(2 B K D for the scores, twice that when the backward's sum_j p_ij b_j is accumulated) next to
+a floor measured on the same device (bank bytes / clone bandwidth, flops / torch.mm throughput).
+
+Timing: CPU wall clock (perf_counter) median of --repeats after one warm-up; CUDA events, median
+after warm-up, the bank rotated among copies larger than L2 in total so it is read from HBM.
+Peak extra memory (torch and fused paths): CUDA max_memory_allocated minus what the inputs hold; CPU: the rise of the
+process's peak RSS during one call, each (path, shape) in a fresh
+subprocess after a small warm-up call (VmHWM of /proc/self/status, reset just before the call) -
+it counts what the allocator really touched, library workspaces included; a few MiB are noise.
+
+  python bench.py --quick                          # default shape only, CPU
+  python bench.py --device cuda --md BENCHMARKS_cuda.md
+  python bench.py --sweep --md /tmp/bench_cpu.md   # K up to 1,048,576 and B in {64, 256, 1024}
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import adam
+import adam_ext
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+g = parser.add_argument_group("what to run")
+g.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (cuda needs a GPU and a CUDA build)")
+g.add_argument("--shape", default="256,128,65536", help="B,D,K of the main row (B anchors, D dims, K bank entries)")
+g.add_argument("--sweep", action="store_true", help="also K in {16384, 262144, 1048576} at B=256 and B in {64, 1024} at K=65536")
+g.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16 (bf16: inputs in bf16; the op accumulates in fp32)")
+g.add_argument("--paths", default="torch,loop,fused", help="comma list of torch, loop, fused")
+g.add_argument("--quick", action="store_true", help="main shape, fp32 only, 3 repeats: a smoke run of a minute on CPU")
+g = parser.add_argument_group("measurement")
+g.add_argument("--threads", type=int, default=0, help="torch.set_num_threads for the CPU (0: leave torch's default); "
+               "on a shared, oversubscribed machine 1 thread gives the stable numbers")
+g.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported); CUDA uses 5x this")
+g.add_argument("--loop-anchors", type=int, default=8, help="anchors timed for the loop path when B is larger (extrapolated)")
+g.add_argument("--max-ref-gib", type=float, default=4.0, help="skip the torch path when its B x K matrices would exceed this")
+g.add_argument("--no-mem", action="store_true", help="skip the (slow on CPU: one subprocess per row) memory measurement")
+g.add_argument("--T", type=float, default=0.2, help="temperature tau")
+g.add_argument("--t", type=float, default=0.8, help="pruning threshold (bank entries planted above it: 1%%)")
+g = parser.add_argument_group("output")
+g.add_argument("--md", default="", help="also write the table as markdown to this file (atomically)")
+g.add_argument("--_mem", default="", help=argparse.SUPPRESS)  # internal: path,B,D,K,dtype -> peak RSS rise
+
+
+def loop_info_nce(q, k, queue, T, t):
+    """The authors' per-anchor formulation (re-expressed): for each anchor its own pruned
+    negatives and one cross-entropy; then the mean. Same value as adam.info_nce."""
+    losses = []
+    for i in range(q.shape[0]):
+        l_pos = (q[i] * k[i]).sum().view(1)                     # 1
+        l_neg = queue @ q[i]                                    # K
+        l_neg = l_neg[l_neg.detach() < t]                       # kept entries only
+        logits = torch.cat([l_pos, l_neg]).float() / T          # 1 + |P_i|
+        losses.append(F.cross_entropy(logits[None], torch.zeros(1, dtype=torch.long, device=q.device)))
+    return torch.stack(losses).mean()
+
+
+PATHS = {
+    "torch": lambda q, k, b, T, t: adam.info_nce(q, k, b, T, t),
+    "loop": loop_info_nce,
+    "fused": lambda q, k, b, T, t: adam_ext.info_nce(q, k, b, T, t),
+}
+DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def make_inputs(B, D, K, dtype, device, copies=1, seed=0):
+    """Unit-norm q, k and `copies` banks; 1% of each bank planted near q (pruned at t = 0.8).
+    Normalised in place so that building a K x D bank needs no K x D temporary."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = F.normalize(torch.randn(B, D, device=device, generator=g), dim=1)
+    k = F.normalize(q + 0.5 * torch.randn(B, D, device=device, generator=g), dim=1)
+    banks = []
+    for _ in range(copies):
+        b = torch.randn(K, D, device=device, generator=g)
+        n = max(1, K // 100)
+        b[:n] = q[torch.arange(n, device=device) % B] + 0.02 * torch.randn(n, D, device=device, generator=g)
+        b /= b.norm(dim=1, keepdim=True)
+        banks.append(b.to(dtype))
+    return q.to(dtype), k.to(dtype), banks
+
+
+def run_once(fn, q, k, bank, T, t, backward):
+    if backward:
+        qq = q.detach().requires_grad_()
+        fn(qq, k, bank, T, t).backward()
+    else:
+        with torch.no_grad():
+            fn(q, k, bank, T, t)
+
+
+def time_cpu(fn, q, k, banks, T, t, backward, repeats):
+    run_once(fn, q, k, banks[0], T, t, backward)  # warm-up
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run_once(fn, q, k, banks[0], T, t, backward)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def time_cuda(fn, q, k, banks, T, t, backward, repeats):
+    for i in range(3):
+        run_once(fn, q, k, banks[i % len(banks)], T, t, backward)
+    ts = []
+    for i in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run_once(fn, q, k, banks[i % len(banks)], T, t, backward)
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(ts)
+
+
+def peak_mem_cuda(fn, q, k, bank, T, t):
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run_once(fn, q, k, bank, T, t, True)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def peak_mem_cpu_child(spec, T, t):
+    """Runs in a fresh process: peak-RSS rise (MiB) over one forward+backward call."""
+    path, B, D, K, dt = spec.split(",")
+    B, D, K = int(B), int(D), int(K)
+    q, k, banks = make_inputs(B, D, K, DT[dt], "cpu")
+    fn = PATHS[path]
+    sq, sk, sb = make_inputs(min(B, 4), D, 256, DT[dt], "cpu")  # warm-up: loads MKL, op kernels
+    run_once(fn, sq, sk, sb[0], T, t, True)
+    # VmHWM is this process's peak RSS; writing 5 to clear_refs resets it to the current RSS
+    # (Linux >= 4.0). ru_maxrss would not do: it carries the forking parent's peak across exec.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _proc_status_kib("VmRSS")
+    run_once(fn, q, k, banks[0], T, t, True)
+    after = _proc_status_kib("VmHWM")
+    print(json.dumps({"mib": (after - before) / 1024}))
+
+
+def _proc_status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status (the CPU memory measurement needs Linux)")
+
+
+def peak_mem_cpu(path, B, D, K, dt, T, t):
+    cmd = [sys.executable, os.path.abspath(__file__), "--_mem", f"{path},{B},{D},{K},{dt}", "--T", str(T), "--t", str(t),
+           "--threads", str(torch.get_num_threads())]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["mib"]
+
+
+def floors_cuda(dtype):
+    """What PyTorch itself reaches on this device: clone bandwidth (bytes/s) and mm throughput."""
+    x = torch.empty(2**28, dtype=torch.uint8, device="cuda")  # 256 MiB
+    ts = time_cuda(lambda *a: x.clone(), None, None, [None], 0, 0, False, 10)
+    bw = 2 * x.numel() / ts
+    a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+    tm = time_cuda(lambda *_: a @ a, None, None, [None], 0, 0, False, 10)
+    return bw, 2 * 8192**3 / tm
+
+
+def bench_row(args, path, B, D, K, dt, floors):
+    dev, dtype = args.device, DT[dt]
+    T, t = args.T, args.t
+    if path == "torch" and 3 * B * K * 4 > args.max_ref_gib * 2**30:
+        return None  # three B x K fp32 matrices alive at the peak, at least
+    copies = 1 if dev == "cpu" else max(1, math.ceil(2 * 64 * 2**20 / (K * D * dtype.itemsize)) + 1)
+    q, k, banks = make_inputs(B, D, K, dtype, dev, copies)
+    fn, n = PATHS[path], B
+    if path == "loop" and B > args.loop_anchors:
+        n = args.loop_anchors
+        q, k = q[:n].contiguous(), k[:n].contiguous()
+    timer = time_cpu if dev == "cpu" else time_cuda
+    reps = args.repeats if dev == "cpu" else 5 * args.repeats
+    if path == "loop":
+        reps = 1 if dev == "cpu" else 3
+    fwd = timer(fn, q, k, banks, T, t, False, reps) * B / n
+    fb = timer(fn, q, k, banks, T, t, True, reps) * B / n
+    row = dict(device=dev, dtype=dt, B=B, D=D, K=K, path=path, approx=n < B, fwd_ms=1e3 * fwd, fb_ms=1e3 * fb)
+    if not args.no_mem and path != "loop":  # the loop's graph holds every anchor's K logits: O(B K) too
+        row["mem_mib"] = peak_mem_cuda(fn, q, k, banks[0], T, t) if dev == "cuda" else peak_mem_cpu(path, B, D, K, dt, T, t)
+    if dev == "cuda" and path != "loop":
+        bank_bytes = K * D * dtype.itemsize
+        flops_fb = 4 * B * K * D  # scores + sum_j p_ij b_j (fused) / scores + dlogits @ bank (torch)
+        bw, mm = floors[dt]
+        floor = max(bank_bytes / bw, flops_fb / mm)
+        row.update(gbs=bank_bytes / fb / 1e9, tflops=flops_fb / fb / 1e12, floor_ms=1e3 * floor, x_floor=fb / floor)
+    del q, k, banks
+    return row
+
+
+def fmt_table(rows):
+    cols = ["device", "dtype", "B", "D", "K", "path", "fwd ms", "fwd+bwd ms", "peak extra MiB"]
+    cuda = any(r["device"] == "cuda" for r in rows)
+    if cuda:
+        cols += ["GB/s", "TFLOP/s", "floor ms", "x floor"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        a = "~" if r["approx"] else ""
+        v = [r["device"], r["dtype"], r["B"], r["D"], r["K"], r["path"], f"{a}{r['fwd_ms']:.1f}", f"{a}{r['fb_ms']:.1f}",
+             f"{r['mem_mib']:.0f}" if "mem_mib" in r else "-"]
+        if cuda:
+            v += [f"{r['gbs']:.0f}", f"{r['tflops']:.1f}", f"{r['floor_ms']:.3f}", f"{r['x_floor']:.1f}"] if "gbs" in r else ["-"] * 4
+        lines.append("| " + " | ".join(str(x) for x in v) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    args = parser.parse_args()
+    if args._mem:
+        torch.set_num_threads(args.threads or torch.get_num_threads())
+        return peak_mem_cpu_child(args._mem, args.T, args.t)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not adam_ext.is_built():
+        sys.exit(f"bench.py: {adam_ext.build_info()}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench.py: --device cuda but no GPU is visible")
+    B, D, K = (int(x) for x in args.shape.split(","))
+    dtypes = ["fp32"] if args.quick else args.dtypes.split(",")
+    if args.quick:
+        args.repeats = 3
+    shapes = [(B, D, K)]
+    if args.sweep and not args.quick:
+        shapes += [(B, D, kk) for kk in (16384, 262144, 1048576) if kk != K]
+        shapes += [(bb, D, K) for bb in (64, 1024) if bb != B]
+    floors = {dt: floors_cuda(DT[dt]) for dt in dtypes} if args.device == "cuda" else None
+    rows = []
+    for dt in dtypes:
+        for (b, d, kk) in shapes:
+            for path in args.paths.split(","):
+                if path == "loop" and (b, d, kk) != (B, D, K):
+                    continue  # the loop is linear in B and K; one row of it tells the story
+                r = bench_row(args, path, b, d, kk, dt, floors)
+                if r is None:
+                    print(f"skip torch at B={b} K={kk}: B x K matrices over --max-ref-gib", file=sys.stderr)
+                    continue
+                rows.append(r)
+                print(fmt_table([r]).splitlines()[-1], flush=True)
+    if args.device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        cpu = platform.machine()
+        if os.path.exists("/proc/cpuinfo"):
+            cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), cpu)
+        name = (f"{cpu}, {torch.get_num_threads()} torch threads of "
+                f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "uncommitted"
+        dirty = subprocess.run(["git", "status", "--porcelain", "csrc", "adam_ext", "bench.py"], capture_output=True,
+                               text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        commit += " (+ uncommitted changes)" if dirty and commit != "uncommitted" else ""
+    except OSError:
+        commit = "unknown"
+    omp = os.environ.get("OMP_WAIT_POLICY")
+    name += f", OMP_WAIT_POLICY={omp}" if omp and args.device == "cpu" else ""
+    head = (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; device: {name}; torch {torch.__version__}; "
+            f"adam_ext {adam_ext.build_info()}; commit {commit}; T={args.T}, t={args.t}; `python {' '.join(sys.argv)}`")
+    table = fmt_table(rows)
+    print("\n" + head + "\n\n" + table)
+    if args.md:
+        tmp = args.md + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(head + "\n\n" + table + "\n")
+        os.replace(tmp, args.md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""The fused op (adam_ext, csrc/) against the readable reference adam.info_nce (METHOD.md §4).
+
+Tolerances. float32: both sides compute the same fp32 dot products and log-sum-exps, in different
+orders (GEMM blocking and an online, split log-sum-exp versus one logsumexp over B x (1+K)), so
+they differ by a few ulp of the largest terms: rtol 1e-5 on the loss (~10), atol 1e-6 + rtol 1e-4
+on gradients (entries ~1e-2). float64: 1e-10. bf16 inputs: the op upcasts them exactly to fp32,
+so it must match the fp32 reference on the same (upcast) values at fp32 tolerance.
+Pruning counts are compared exactly: planted near-duplicates sit far above t, random cosines
+at D >= 64 sit far below it, so no entry is within rounding distance of the threshold.
+CUDA variants run the same checks when a GPU is present and skip otherwise.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import adam
+import adam_ext
+
+pytestmark = pytest.mark.skipif(not adam_ext.is_built(), reason="adam_ext not built: "
+                                "pip install --no-build-isolation -e .")
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available() or "CUDA" not in adam_ext.build_info(), reason="needs a GPU and a CUDA build"))]
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
+GTOL = {torch.float32: dict(rtol=1e-4, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
+
+
+def make(B, D, K, dtype=torch.float32, device="cpu", planted=0, noise=0.02, seed=0):
+    """Unit-norm q, k (B x D) and bank (K x D); the first `planted` bank rows are near-duplicates
+    of q_0, q_1, ... (cosine ~0.97 at noise 0.02 and D = 128), the rest random (cosine ~N(0, 1/D))."""
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=1)
+    k = F.normalize(q + 0.5 * torch.randn(B, D, generator=g, dtype=torch.float64), dim=1)
+    bank = F.normalize(torch.randn(K, D, generator=g, dtype=torch.float64), dim=1)
+    if planted:
+        src = q[torch.arange(planted) % B]
+        bank[:planted] = F.normalize(src + noise * torch.randn(planted, D, generator=g, dtype=torch.float64), dim=1)
+    return [t.to(device=device, dtype=dtype) for t in (q, k, bank)]
+
+
+def both(q, k, bank, T, t):
+    """(loss, pruned fraction, dq, dk) from the reference and from the op, on the same inputs."""
+    out = []
+    for fused in (False, True):
+        qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+        loss, pruned = adam.info_nce(qq, kk, bank, T, t, fused=fused, return_pruned=True)
+        dq, dk = torch.autograd.grad(loss, (qq, kk))
+        out.append((loss.detach(), float(pruned), dq, dk))
+    return out
+
+
+# (B, D, K): B = 1; B and K not multiples of any tile (16, 64, 4096); D in {64, 128, 256};
+# K > 4096 so the CPU kernel uses several chunks and both threads' splits.
+SHAPES = [(1, 64, 100), (37, 128, 5003), (13, 256, 777), (300, 64, 9001)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,D,K", SHAPES)
+@pytest.mark.parametrize("case", ["none", "t>=1", "planted", "all"])
+def test_matches_reference(device, B, D, K, case):
+    planted = min(K // 4, 3 * B) if case == "planted" else 0
+    q, k, bank = make(B, D, K, device=device, planted=planted, seed=B * K + D)
+    t = {"none": None, "t>=1": 1.5, "planted": 0.8, "all": -2.0}[case]
+    (l0, p0, dq0, dk0), (l1, p1, dq1, dk1) = both(q, k, bank, 0.2, t)
+    torch.testing.assert_close(l1, l0.float(), **TOL[torch.float32])
+    torch.testing.assert_close(dq1, dq0, **GTOL[torch.float32])
+    torch.testing.assert_close(dk1, dk0, **GTOL[torch.float32])
+    assert p1 == pytest.approx(p0, abs=1e-7)
+    # each planted row is a near-duplicate of one anchor only: pruned for that anchor alone
+    expected = {"none": 0.0, "t>=1": 0.0, "planted": planted / (B * K), "all": 1.0}[case]
+    assert p1 == pytest.approx(expected, abs=1e-7), "planted duplicates must be pruned, nothing else"
+    if case == "all":  # only the positive left: loss 0 and no gradient
+        assert float(l1) == 0.0 and float(dq1.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float64_threshold_in_the_bulk(device):
+    """t = 0.05 cuts through the mass of random cosines (prunes ~25% at D = 64); in float64 no
+    cosine lands within rounding distance of t, so masks agree entry by entry."""
+    q, k, bank = make(29, 64, 4999, dtype=torch.float64, device=device, seed=3)
+    (l0, p0, dq0, dk0), (l1, p1, dq1, dk1) = both(q, k, bank, 0.07, 0.05)
+    assert 0.1 < p1 < 0.5 and p1 == pytest.approx(p0, abs=1e-7)  # the reference's fraction is fp32
+    torch.testing.assert_close(l1, l0, **TOL[torch.float64])
+    torch.testing.assert_close(dq1, dq0, **GTOL[torch.float64])
+    torch.testing.assert_close(dk1, dk0, **GTOL[torch.float64])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_accumulate_in_fp32(device, dtype):
+    q, k, bank = make(21, 128, 3001, dtype=dtype, device=device, planted=30, seed=5)
+    qq = q.float().requires_grad_()
+    ref = adam.info_nce(qq, k.float(), bank.float(), 0.2, 0.8)
+    dref, = torch.autograd.grad(ref, qq)
+    q1 = q.clone().requires_grad_()
+    loss, pruned = adam_ext.info_nce(q1, k, bank, 0.2, 0.8, return_pruned=True)
+    dq, = torch.autograd.grad(loss, q1)
+    assert loss.dtype == torch.float32 and dq.dtype == dtype
+    torch.testing.assert_close(loss, ref, **TOL[torch.float32])
+    torch.testing.assert_close(dq.float(), dref, rtol=1e-2, atol=1e-4)  # dq rounded to dtype
+    assert float(pruned) == pytest.approx(30 / (21 * 3001))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_grad_path_and_float64_loss_dtype(device):
+    """Under no_grad the op skips sum_j p_ij b_j; the loss must not change."""
+    q, k, bank = make(5, 64, 700, dtype=torch.float64, device=device, planted=5, seed=9)
+    with torch.no_grad():
+        a = adam_ext.info_nce(q, k, bank, 0.2, 0.8)
+    b = adam_ext.info_nce(q.clone().requires_grad_(), k, bank, 0.2, 0.8)
+    assert a.dtype == torch.float64
+    torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(a, adam.info_nce(q, k, bank, 0.2, 0.8), **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_float64(device):
+    """Finite differences vs the analytic backward; the threshold 0.75 keeps a margin > 1e-2 from
+    every cosine (checked: planted ~0.93, random ~N(0, 1/64)) so perturbing q by 1e-6 never flips
+    the mask."""
+    q, k, bank = make(3, 64, 40, dtype=torch.float64, device=device, planted=4, noise=0.05, seed=11)
+    s = q @ bank.t()
+    assert (s - 0.75).abs().min() > 1e-2 and (s >= 0.75).sum() == 4  # some pruned, none at the edge
+    q.requires_grad_(), k.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: adam_ext.info_nce(a, b, bank, 0.3, 0.75), (q, k))
+
+
+def test_opcheck():
+    q, k, bank = make(7, 32, 300, dtype=torch.float64, planted=7, noise=0.05, seed=13)
+    # need_pb=False is the no-grad forward: checked without requires_grad (it has no backward)
+    torch.library.opcheck(torch.ops.adam.info_nce_fwd, (q, k, bank, 0.2, 0.8, False))
+    q.requires_grad_(), k.requires_grad_()
+    torch.library.opcheck(torch.ops.adam.info_nce_fwd, (q, k, bank, 0.2, 0.8, True))
+
+
+def test_torch_compile_fullgraph_traces_the_fake_impl():
+    """aot_eager: traces through register_fake and register_autograd without a C++ compile."""
+    q, k, bank = make(9, 64, 500, planted=9, seed=17)
+    f = torch.compile(lambda a, b: adam_ext.info_nce(a, b, bank, 0.2, 0.8), fullgraph=True, backend="aot_eager")
+    q1, q2 = q.clone().requires_grad_(), q.clone().requires_grad_()
+    l1, l2 = f(q1, k), adam_ext.info_nce(q2, k, bank, 0.2, 0.8)
+    l1.backward(), l2.backward()
+    torch.testing.assert_close(l1, l2, rtol=0, atol=0)
+    torch.testing.assert_close(q1.grad, q2.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_step_same_through_both_paths(device):
+    """One SGD step of a small projection head with each loss: same loss, same updated weights."""
+    torch.manual_seed(19)
+    x = torch.randn(24, 32, device=device)
+    bank = F.normalize(torch.randn(2000, 16, device=device), dim=1)
+    head0 = torch.nn.Linear(32, 16).to(device)
+    results = []
+    for fused in (False, True):
+        head = torch.nn.Linear(32, 16).to(device)
+        head.load_state_dict(head0.state_dict())
+        opt = torch.optim.SGD(head.parameters(), lr=0.5)
+        q = F.normalize(head(x), dim=1)
+        k = F.normalize(head(x + 0.1), dim=1).detach()
+        bank[:24] = F.normalize(q.detach() + 0.01, dim=1)  # near-duplicates to prune
+        loss = adam.info_nce(q, k, bank, 0.2, 0.8, fused=fused)
+        opt.zero_grad(), loss.backward(), opt.step()
+        results.append((loss.detach(), head.weight.detach().clone()))
+    torch.testing.assert_close(results[1][0], results[0][0], **TOL[torch.float32])
+    torch.testing.assert_close(results[1][1], results[0][1], **GTOL[torch.float32])
+
+
+def test_bad_inputs_name_the_argument():
+    q, k, bank = make(4, 32, 50)
+    cases = [
+        ((q[0], k, bank, 0.2, 0.8), "q must be 2-D"),
+        ((q, k[:3], bank, 0.2, 0.8), "k must have the shape of q"),
+        ((q, k, bank[:, :16], 0.2, 0.8), "queue .* D = q.size\\(1\\)"),
+        ((q, k, bank.double(), 0.2, 0.8), "queue dtype"),
+        ((q.int(), k.int(), bank.int(), 0.2, 0.8), "q must be float32"),
+        ((q, k, bank[:, ::1].t().contiguous().t(), 0.2, 0.8), "queue must be contiguous"),
+        ((q, k, bank, 0.0, 0.8), "temperature must be finite and > 0"),
+        ((q, k, bank, -1.0, 0.8), "temperature must be finite and > 0"),
+        ((q, k, bank, 0.2, math.nan), "threshold is NaN"),
+        ((q, k, bank[:0], 0.2, 0.8), "K >= 1"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            adam_ext.info_nce(*args)
+    if torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="queue is on"):
+            adam_ext.info_nce(q, k, bank.cuda(), 0.2, 0.8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_d_and_many_splits(device):
+    """D = 512 in float64 needs > 48 KiB of shared memory per CUDA block (the opt-in path); on
+    CPU it is one more shape."""
+    q, k, bank = make(17, 512, 2100, dtype=torch.float64, device=device, planted=17, seed=23)
+    (l0, p0, dq0, _), (l1, p1, dq1, _) = both(q, k, bank, 0.2, 0.8)
+    torch.testing.assert_close(l1, l0, **TOL[torch.float64])
+    torch.testing.assert_close(dq1, dq0, **GTOL[torch.float64])
+    assert p1 == pytest.approx(p0, abs=1e-7) and p1 == pytest.approx(1 / 2100)
+
+
+def test_build_info():
+    info = adam_ext.build_info()
+    assert info.startswith("CPU"), info

@@ -37,10 +37,19 @@ step racecheck "$CS" --tool racecheck --error-exitcode 1 $PY -m pytest tests/tes
 
 step bench $PY bench.py --device cuda --sweep --md "$OUT/BENCHMARKS_cuda.md"
 
-# Short pretraining, same seed, each loss path: wall time and the losses (compare in the logs).
-[ -f data/phantom/meta.json ] || step data_prep $PY data_prep.py phantom --out data/phantom
+# The whole suite on the GPU machine (CUDA variants run there, CPU tests too).
+step pytest_all $PY -m pytest tests -q -rs
+
+# Short ResNet-50 pretraining at 224 px with the paper preset (batch 256, K = 65536, bf16 autocast), level 4
+# (pruning on), same seed, per loss path and per view path: images/s is in each log's progress lines.
+[ -f "$OUT/phantom8k/meta.json" ] || step data_prep $PY data_prep.py phantom --num-images 8000 --size 256 --out "$OUT/phantom8k"
 for loss in fused torch; do
-  step "adam_resnet50_$loss" $PY adam.py --device cuda --arch resnet50 --img-size 224 \
-    --steps-per-epoch 30 --epochs 1 --levels 0 --loss "$loss" --out "$OUT/run_$loss"
+  step "adam_resnet50_$loss" $PY adam.py --data phantom --data-root "$OUT/phantom8k" --preset paper --device cuda \
+    --levels 4 --epochs 1 --steps-per-epoch 20 --print-freq 5 --workers 12 --loss "$loss" --out "$OUT/run_$loss"
 done
+step adam_resnet50_fused_gpu_views $PY adam.py --data phantom --data-root "$OUT/phantom8k" --preset paper \
+  --device cuda --levels 4 --epochs 1 --steps-per-epoch 20 --print-freq 5 --workers 12 --gpu-views --out "$OUT/run_gpu_views"
+step time_data_workers $PY adam.py --data phantom --data-root "$OUT/phantom8k" --preset paper --device cuda --levels 4 --workers 12 --time-data 20
+step time_data_gpu_views $PY adam.py --data phantom --data-root "$OUT/phantom8k" --preset paper --device cuda --levels 4 --workers 12 --time-data 20 --gpu-views
+grep -h "img/s\|images/s" "$OUT"/adam_resnet50_*.txt "$OUT"/time_data_*.txt | tee -a "$OUT/summary.txt"
 say "done; see $OUT/summary.txt"

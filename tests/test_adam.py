@@ -268,3 +268,13 @@ def test_trains_on_a_prepared_chestxray14_cache(tmp_path):
     assert [len(st["losses"]) for st in s["stages"]] == [2, 2]
     assert all(np.isfinite(st["losses"]).all() for st in s["stages"])
     assert s["stages"][1]["epochs"][0]["val_loss"] is not None  # the cache's val split is used
+
+
+def test_gpu_views_path_trains_and_needs_a_cache(phantom_root, tmp_path):
+    """--gpu-views (BatchViews, tested against torchvision in test_gpu_views.py) runs the same training loop,
+    here on the CPU, with workers returning (image, part, seed); a plain folder is refused by name."""
+    s = run(phantom_root, tmp_path / "run", "--gpu-views", "--workers", "1")
+    assert [len(st["losses"]) for st in s["stages"]] == [3, 3]
+    assert all(np.isfinite(st["losses"]).all() for st in s["stages"])
+    with pytest.raises(ValueError, match="--gpu-views needs a data_prep.py cache"):
+        adam.main(["--data", str(phantom_root / "png"), "--gpu-views", "--batch-size", "4", "--out", str(tmp_path / "x")])

@@ -189,8 +189,8 @@ def test_three_shot_phantom_heart_from_adam_run(tiny_adam_run, phantom_root, tmp
         assert 0 <= r["value"] <= 100 and 1 <= r["best_epoch"] <= r["epochs"] <= 2 and r["time_s"] > 0
         assert r["train_rows"] == finetune.draw_shots(cache.rows("train"), 3, r["seed"])
         assert not set(r["train_rows"]) & held
-        ckpt = torch.load(out / "checkpoints" / f"{r['init']}_phantom-heart_3shot_seed{r['seed']}.pth",
-                          weights_only=True)
+        best = out / "checkpoints" / f"{r['init']}_phantom-heart_3shot_seed{r['seed']}.pth"
+        ckpt = torch.load(best, weights_only=True)
         assert ckpt["record"]["seed"] == r["seed"]
     assert sorted((r["init"], r["seed"]) for r in records) == [("adam", 0), ("adam", 1), ("random", 0), ("random", 1)]
     table = (out / "results.md").read_text()

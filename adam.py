@@ -55,10 +55,17 @@ PRESETS = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None: those flags come from the preset, and their help names its values."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def get_parser():
     p = argparse.ArgumentParser(
         description="Adam pretraining: coarse-to-fine contrastive learning of anatomy (MICCAI 2023).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", default="phantom",
                    help="'phantom' (generated on first use), 'chestxray14', 'eyepacs' (caches made by "

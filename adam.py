@@ -179,6 +179,13 @@ def anatomy_parts(height, width, level):
 # left and right matter in anatomy. The views are made from the 1-channel grey part (saturation and hue
 # jitter leave grey pixels unchanged) and expanded to 3 channels only for the normalisation.
 
+def imagenet_normalise(x):
+    """B x C x S x S in [0, 1] -> B x 3 x S x S with ImageNet mean/std (METHOD.md §3: a 3-channel copy of grey)."""
+    mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=x.device).view(1, 3, 1, 1)
+    return (x.expand(-1, 3, -1, -1) - mean) / std
+
+
 class DataError(Exception):
     """Bad input data: the message names the file and, where there is one, the fix."""
 
@@ -235,14 +242,9 @@ class AdamViews(torch.utils.data.Dataset):
             T.RandomRotation(30),
             T.ToDtype(torch.float32, scale=True),
         ])
-        self.mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-        self.std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
     def __len__(self):
         return len(self.images)
-
-    def normalise(self, x):  # C x S x S float in [0,1] -> 3 x S x S ImageNet-normalised
-        return (x.expand(3, -1, -1) - self.mean) / self.std
 
     def __getitem__(self, item):
         index, seed = item
@@ -254,7 +256,9 @@ class AdamViews(torch.utils.data.Dataset):
             if self.gpu_views:  # the views are made later, for the whole batch, by BatchViews on the device
                 return x, torch.tensor([top, left, h, w]), torch.randint(2**62, ())  # image, part, view seed
             part = x[:, top:top + h, left:left + w]
-            return self.normalise(self.view(part)), self.normalise(self.view(part))
+            views = torch.stack([self.view(part), self.view(part)])               # 2 x C x S x S
+            x_q, x_k = imagenet_normalise(views)
+            return x_q, x_k
 
 
 class PartSampler(torch.utils.data.Sampler):
@@ -401,9 +405,7 @@ class BatchViews(nn.Module):
         mask = torch.minimum(u + 1, S - u).clamp(0, 1).prod(-1).unsqueeze(1)  # B x 1 x S x S
         y = self.jitter(y, p["jitter"].to(dev), p["order"], mask)
         y = self.blur(y, p["sigma"]) * mask
-        mean = torch.tensor([0.485, 0.456, 0.406], device=dev).view(1, 3, 1, 1)
-        std = torch.tensor([0.229, 0.224, 0.225], device=dev).view(1, 3, 1, 1)
-        return (y.expand(-1, 3, -1, -1) - mean) / std                        # B x 3 x S x S
+        return imagenet_normalise(y)                                         # B x 3 x S x S
 
     @staticmethod
     def jitter(x, factors, order, mask=None):
@@ -637,12 +639,13 @@ def make_loader(images, level, args, num_samples, world, rank, seed, batch):
     return loader, sampler
 
 
-def to_views(item, views, device):
-    """A loader batch -> (x_q, x_k) on device. --gpu-views: (images, parts, seeds) -> BatchViews there."""
+def to_views(item, views, device, memory_format=torch.preserve_format):
+    """A loader batch -> (x_q, x_k) on device, in memory_format (one copy each: transfer and layout together).
+    --gpu-views: (images, parts, seeds) -> BatchViews there."""
     if views is None:
-        return item[0].to(device, non_blocking=True), item[1].to(device, non_blocking=True)
+        return tuple(x.to(device, non_blocking=True, memory_format=memory_format) for x in item)
     x, boxes, seeds = item
-    return views(x.to(device, non_blocking=True), boxes, seeds)
+    return tuple(v.contiguous(memory_format=memory_format) for v in views(x.to(device, non_blocking=True), boxes, seeds))
 
 
 def time_data(args, images, batch, device):
@@ -691,8 +694,8 @@ def main(argv=None):
     for p in teacher.parameters():
         p.requires_grad = False
     cuda = device.type == "cuda"
-    if cuda:  # bf16 autocast + channels_last on GPUs; fp32 on CPU
-        student, teacher = student.to(memory_format=torch.channels_last), teacher.to(memory_format=torch.channels_last)
+    layout = torch.channels_last if cuda else torch.preserve_format  # bf16 autocast + channels_last on GPUs
+    student, teacher = student.to(memory_format=layout), teacher.to(memory_format=layout)
     bank = MemoryBank(args.queue_size, args.dim, device, torch.Generator().manual_seed(args.seed))
     model = nn.parallel.DistributedDataParallel(student, device_ids=[device] if cuda else None) \
         if world > 1 else student
@@ -748,9 +751,7 @@ def main(argv=None):
             teacher.train()
             t_epoch, loss_sum, pruned_sum = time.time(), 0.0, 0.0
             for i, item in enumerate(loader):
-                x_q, x_k = to_views(item, views, device)                  # B x 3 x S x S each
-                x_q = x_q.to(memory_format=torch.channels_last if cuda else torch.preserve_format)
-                x_k = x_k.to(memory_format=torch.channels_last if cuda else torch.preserve_format)
+                x_q, x_k = to_views(item, views, device, layout)          # B x 3 x S x S each
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                     q = model(x_q)                                         # B x D
                     k = teacher_keys(teacher, x_k)                         # B x D, no grad

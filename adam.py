@@ -595,7 +595,7 @@ def teacher_keys(teacher, x_k):
     single-GPU MoCo ports)."""
     if not dist.is_initialized():
         return teacher(x_k)
-    world, rank, b = dist.get_world_size(), dist.get_rank(), x_k.shape[0]
+    rank, b = dist.get_rank(), x_k.shape[0]
     x_all = all_gather(x_k)                                   # (world*B) x 3 x S x S
     perm = torch.randperm(x_all.shape[0], device=x_k.device)
     dist.broadcast(perm, src=0)

@@ -24,8 +24,6 @@ functions take such a callable, so they can be tested with hand-made encoders of
 """
 import argparse
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from finetune import load_backbone, write_atomic  # the one checkpoint loader and atomic writer (finetune.py)
 
 WHAT = ("locality", "compositionality", "correspondence")
 
@@ -377,22 +377,9 @@ def load_data(args):
 
 # ----------------------------------------------------------------------------- figures, output
 
-def save_atomic(path, write):
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return str(path)
-
-
 def save_fig(fig, path):
     import matplotlib.pyplot as plt
-    out = save_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+    out = write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
     return out
 
@@ -654,7 +641,6 @@ def main(argv=None):
         dicom = read_dicom_grey(path, max(imgs.shape[2:]))
     print(f"eve: {len(imgs)} {args.split} images {tuple(imgs.shape[1:])} from {root}, arch {args.arch}, "
           f"input {args.img_size}px, measuring {args.what} for {len(args.inits)} encoder(s)")
-    from finetune import load_backbone
     results, extras = {}, {}
     for init in args.inits:
         name, spec = init_name(init)
@@ -683,7 +669,7 @@ def main(argv=None):
                 out / f"eve_correspondence{tag}.png", args.match_threshold, args.max_lines)
     summary = {"args": {k: v for k, v in vars(args).items()}, "data_root": str(root),
                "images": list(imgs.shape), "landmark_names": lnames, "results": results, "figures": figures}
-    save_atomic(out / "eve.json", lambda f: f.write(json.dumps(summary, indent=1, default=str).encode()))
+    write_atomic(out / "eve.json", lambda p: p.write_text(json.dumps(summary, indent=1, default=str)))
     print(f"wrote {out / 'eve.json'} and {len(figures)} figure(s): {', '.join(figures.values())}")
     summary["out"] = str(out)
     return summary

@@ -309,12 +309,19 @@ def paired_test(a, b):
 # -----------------------------------------------------------------------------
 # One run: train with early stopping on validation loss, test the best epoch
 
-def _atomic(path, write):
+def write_atomic(path, write):
+    """write(tmp_path) then rename onto path: a reader sees the old file or the new one, never half of one.
+    Shared with eve.py. Returns str(path)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return str(path)
 
 
 def _loss_fn(task):
@@ -360,7 +367,6 @@ def run_one(args, cache, task, label, spec, shots, seed, log_prefix=""):
     t0 = time.time()
     device = torch.device(args.device)
     torch.manual_seed(seed)  # same seed for every init: same head init, same batches, same augmentation
-    kind = TASKS[task]["kind"]
     train_rows = cache.rows("train")
     for split in ("train", "val", "test"):
         if not cache.rows(split):
@@ -428,7 +434,7 @@ def run_one(args, cache, task, label, spec, shots, seed, log_prefix=""):
                   train_rows=train_rows if shots else None)  # the few-shot draw, for audits and pairing
     if args.save == "best":
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{label}_{task}_{shots or 'all'}shot_seed{seed}")
-        _atomic(Path(args.out) / "checkpoints" / f"{name}.pth",
+        write_atomic(Path(args.out) / "checkpoints" / f"{name}.pth",
                 lambda p: torch.save({"model": best_state, "record": {k: v for k, v in record.items()
                                       if not isinstance(v, (dict, list))}}, p))
     return record
@@ -469,7 +475,7 @@ def write_table(records, path):
         metric = next(r["metric"] for r in records if r["task"] == task)
         shots = sorted({s for by in inits.values() for s in by}, key=lambda s: (s is None, s or 0))
         cols = [f"{s}-shot" if s else "all" for s in shots]
-        head = f"| Method | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols)
+        head = "| Method | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols)
         lines += [f"## {task}: {metric} (%), mean ± std over runs", "", head]
         stats = {i: {s: summarize(list(by[s].values())) for s in by} for i, by in inits.items()}
         for init, by in stats.items():
@@ -498,7 +504,7 @@ def write_table(records, path):
                 lines.append(f"| {init} | " + " | ".join(cells) + " |")
         lines.append("")
     text = "\n".join(lines)
-    _atomic(path, lambda p: Path(p).write_text(text))
+    write_atomic(path, lambda p: Path(p).write_text(text))
     return text
 
 
@@ -522,7 +528,7 @@ def write_plot(records, path):
         ax.minorticks_off()
         ax.legend(fontsize=8)
     fig.tight_layout()
-    _atomic(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -625,7 +631,7 @@ def main(argv=None):
         r["run"] = run
         records.append(r)
         done.add(key)
-        _atomic(results_path, lambda p: Path(p).write_text(json.dumps(records, indent=1)))
+        write_atomic(results_path, lambda p: Path(p).write_text(json.dumps(records, indent=1)))
         n_done += 1
         left = sum(1 for sh, ru, la, _ in jobs[j + 1:] if key_of(la, sh, args.seed + ru) not in done)
         eta = (time.time() - t_start) / n_done * left

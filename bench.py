@@ -5,7 +5,13 @@
            one masked cross-entropy each. At big shapes only --loop-anchors anchors are timed and
            the time is extrapolated linearly to B (the loop is embarrassingly linear in B); the
            table marks such rows with "~".
-  fused  - adam_ext.info_nce, the fused op (csrc/): one pass over the bank, no B x K buffer
+  fused  - adam_ext.info_nce, the fused op (csrc/): one pass over the bank, no B x K buffer. On
+           CUDA the launcher picks its kernel (TILED for fp32/bf16 at D in {64, 128, 256})
+  fused_simple - CUDA only: the same op with the readable SIMPLE kernel forced
+           (ADAM_INFO_NCE_CUDA_KERNEL=simple), to show what the tiling buys
+  fused_tc, torch_tf32 - CUDA only: the op on tensor cores (TC kernel, TF32) and the reference with
+           TF32 matmuls (torch.backends.cuda.matmul.allow_tf32), the pair at the "high" precision
+           setting; for bf16 inputs `fused` already runs the TC kernel
 
 Measured: forward (under no_grad), forward+backward (grad w.r.t. q), peak extra memory of one
 forward+backward call, and on CUDA the achieved bandwidth (one read of the bank) and TFLOP/s
@@ -45,7 +51,7 @@ g.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where t
 g.add_argument("--shape", default="256,128,65536", help="B,D,K of the main row (B anchors, D dims, K bank entries)")
 g.add_argument("--sweep", action="store_true", help="also K in {16384, 262144, 1048576} at B=256 and B in {64, 1024} at K=65536")
 g.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16 (bf16: inputs in bf16; the op accumulates in fp32)")
-g.add_argument("--paths", default="torch,loop,fused", help="comma list of torch, loop, fused")
+g.add_argument("--paths", default="torch,loop,fused", help="comma list of torch, loop, fused; CUDA only: fused_simple, fused_tc, torch_tf32")
 g.add_argument("--quick", action="store_true", help="main shape, fp32 only, 3 repeats: a smoke run of a minute on CPU")
 g = parser.add_argument_group("measurement")
 g.add_argument("--threads", type=int, default=0, help="torch.set_num_threads for the CPU (0: leave torch's default); "
@@ -74,11 +80,36 @@ def loop_info_nce(q, k, queue, T, t):
     return torch.stack(losses).mean()
 
 
+def fused_with(kernel):
+    """The op with the CUDA kernel choice set for this call (the launcher reads the variable at
+    every call; the CPU kernel ignores it)."""
+    def fn(q, k, b, T, t):
+        os.environ["ADAM_INFO_NCE_CUDA_KERNEL"] = kernel
+        return adam_ext.info_nce(q, k, b, T, t)
+    return fn
+
+
+def tf32(fn):
+    """fn with TF32 allowed in float32 matmuls for the call (the C++ launcher reads the same flag)."""
+    def wrapped(*args):
+        prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            return fn(*args)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev
+    return wrapped
+
+
 PATHS = {
     "torch": lambda q, k, b, T, t: adam.info_nce(q, k, b, T, t),
     "loop": loop_info_nce,
-    "fused": lambda q, k, b, T, t: adam_ext.info_nce(q, k, b, T, t),
+    "fused": fused_with("auto"),
+    "fused_simple": fused_with("simple"),
+    "fused_tc": tf32(fused_with("auto")),
+    "torch_tf32": tf32(lambda q, k, b, T, t: adam.info_nce(q, k, b, T, t)),
 }
+CUDA_ONLY = {"fused_simple", "fused_tc", "torch_tf32"}  # kernel/precision choices: on CPU they repeat a row
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -173,13 +204,15 @@ def peak_mem_cpu(path, B, D, K, dt, T, t):
     return json.loads(out.strip().splitlines()[-1])["mib"]
 
 
-def floors_cuda(dtype):
-    """What PyTorch itself reaches on this device: clone bandwidth (bytes/s) and mm throughput."""
+def floors_cuda(dtype, allow_tf32=False):
+    """What PyTorch itself reaches on this device: clone bandwidth (bytes/s) and mm throughput
+    (float32 at torch's default precision, or with TF32 allowed)."""
     x = torch.empty(2**28, dtype=torch.uint8, device="cuda")  # 256 MiB
     ts = time_cuda(lambda *a: x.clone(), None, None, [None], 0, 0, False, 10)
     bw = 2 * x.numel() / ts
     a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
-    tm = time_cuda(lambda *_: a @ a, None, None, [None], 0, 0, False, 10)
+    mm = (lambda *_: a @ a) if not allow_tf32 else tf32(lambda *_: a @ a)
+    tm = time_cuda(mm, None, None, [None], 0, 0, False, 10)
     return bw, 2 * 8192**3 / tm
 
 
@@ -206,7 +239,7 @@ def bench_row(args, path, B, D, K, dt, floors):
     if dev == "cuda" and path != "loop":
         bank_bytes = K * D * dtype.itemsize
         flops_fb = 4 * B * K * D  # scores + sum_j p_ij b_j (fused) / scores + dlogits @ bank (torch)
-        bw, mm = floors[dt]
+        bw, mm = floors["tf32" if path in ("fused_tc", "torch_tf32") and dt == "fp32" else dt]
         floor = max(bank_bytes / bw, flops_fb / mm)
         row.update(gbs=bank_bytes / fb / 1e9, tflops=flops_fb / fb / 1e12, floor_ms=1e3 * floor, x_floor=fb / floor)
     del q, k, banks
@@ -248,13 +281,18 @@ def main():
     if args.sweep and not args.quick:
         shapes += [(B, D, kk) for kk in (16384, 262144, 1048576) if kk != K]
         shapes += [(bb, D, K) for bb in (64, 1024) if bb != B]
-    floors = {dt: floors_cuda(DT[dt]) for dt in dtypes} if args.device == "cuda" else None
+    floors = None
+    if args.device == "cuda":
+        floors = {dt: floors_cuda(DT[dt]) for dt in dtypes}
+        floors["tf32"] = floors_cuda(torch.float32, allow_tf32=True)
     rows = []
     for dt in dtypes:
         for (b, d, kk) in shapes:
             for path in args.paths.split(","):
                 if path == "loop" and (b, d, kk) != (B, D, K):
                     continue  # the loop is linear in B and K; one row of it tells the story
+                if path in CUDA_ONLY and (args.device != "cuda" or (dt == "bf16" and path != "fused_simple")):
+                    continue  # on CPU they repeat a row; TF32 is a float32 setting
                 r = bench_row(args, path, b, d, kk, dt, floors)
                 if r is None:
                     print(f"skip torch at B={b} K={kk}: B x K matrices over --max-ref-gib", file=sys.stderr)

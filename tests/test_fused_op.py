@@ -21,8 +21,22 @@ import adam_ext
 pytestmark = pytest.mark.skipif(not adam_ext.is_built(), reason="adam_ext not built: "
                                 "pip install --no-build-isolation -e .")
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available() or "CUDA" not in adam_ext.build_info(), reason="needs a GPU and a CUDA build"))]
+HAS_CUDA = torch.cuda.is_available() and "CUDA" in adam_ext.build_info()
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
+# On CUDA every test runs twice: "cuda" with the launcher's own choice (TILED for float32 at D in
+# {64, 128, 256} under torch's default "highest" float32 precision, TC for bf16 at D <= 128,
+# SIMPLE otherwise) and "cuda-simple" with the SIMPLE kernel forced
+# (ADAM_INFO_NCE_CUDA_KERNEL=simple, set by the autouse fixture below from the test id).
+# test_tf32_mode_runs_the_tc_kernel covers float32 on tensor cores.
+DEVICES = ["cpu", pytest.param("cuda", id="cuda", marks=needs_cuda),
+           pytest.param("cuda", id="cuda-simple", marks=needs_cuda)]
+
+
+@pytest.fixture(autouse=True)
+def _cuda_kernel_choice(request, monkeypatch):
+    callspec = getattr(request.node, "callspec", None)
+    simple = callspec is not None and "cuda-simple" in callspec.id
+    monkeypatch.setenv("ADAM_INFO_NCE_CUDA_KERNEL", "simple" if simple else "auto")
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 GTOL = {torch.float32: dict(rtol=1e-4, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 
@@ -185,7 +199,7 @@ def test_bad_inputs_name_the_argument():
     for args, msg in cases:
         with pytest.raises(RuntimeError, match=msg):
             adam_ext.info_nce(*args)
-    if torch.cuda.is_available():
+    if HAS_CUDA:
         with pytest.raises(RuntimeError, match="queue is on"):
             adam_ext.info_nce(q, k, bank.cuda(), 0.2, 0.8)
 
@@ -204,3 +218,55 @@ def test_large_d_and_many_splits(device):
 def test_build_info():
     info = adam_ext.build_info()
     assert info.startswith("CPU"), info
+
+
+@needs_cuda
+def test_cuda_kernel_choice(monkeypatch):
+    """ADAM_INFO_NCE_CUDA_KERNEL: a typo is an error, 'tiled' where it cannot run says why, and
+    auto falls back to the simple kernel for a bank not 16-byte aligned (same result)."""
+    q, k, bank = make(33, 64, 1500, device="cuda", planted=33, seed=29)
+    monkeypatch.setenv("ADAM_INFO_NCE_CUDA_KERNEL", "fast")
+    with pytest.raises(RuntimeError, match="must be auto, tc, tiled or simple"):
+        adam_ext.info_nce(q, k, bank, 0.2, 0.8)
+    monkeypatch.setenv("ADAM_INFO_NCE_CUDA_KERNEL", "tiled")
+    with pytest.raises(RuntimeError, match="tiled needs float32 or bfloat16"):
+        adam_ext.info_nce(q.double(), k.double(), bank.double(), 0.2, 0.8)
+    ref = adam.info_nce(q, k, bank, 0.2, 0.8)
+    torch.testing.assert_close(adam_ext.info_nce(q, k, bank, 0.2, 0.8), ref, **TOL[torch.float32])
+    monkeypatch.setenv("ADAM_INFO_NCE_CUDA_KERNEL", "auto")
+    storage = torch.empty(bank.numel() + 1, device="cuda")
+    shifted = storage[1:].view_as(bank)  # 4 bytes past an aligned allocation
+    shifted.copy_(bank)
+    torch.testing.assert_close(adam_ext.info_nce(q, k, shifted, 0.2, 0.8), ref, **TOL[torch.float32])
+    monkeypatch.setenv("ADAM_INFO_NCE_CUDA_KERNEL", "tiled")
+    with pytest.raises(RuntimeError, match="aligned"):
+        adam_ext.info_nce(q, k, shifted, 0.2, 0.8)
+
+
+@needs_cuda
+@pytest.mark.parametrize("B,D,K", [(1, 64, 100), (37, 128, 5003), (300, 64, 9001)])
+@pytest.mark.parametrize("case", ["none", "planted", "all"])
+@pytest.mark.parametrize("kernel", ["auto", "tc"])
+def test_tf32_mode_runs_the_tc_kernel(monkeypatch, B, D, K, case, kernel):
+    """With TF32 allowed for float32 matmuls, auto takes the TC kernel (TF32 mma.sync); forcing tc
+    does too. Against a float64 CPU reference (torch's own matmuls would use TF32 here as well):
+    loss within 1e-4 and gradient within 2e-3 in norm, TF32 rounding each operand to 11
+    significant bits (see test_cuda_emulated.py, which runs the same kernel emulated)."""
+    monkeypatch.setenv("ADAM_INFO_NCE_CUDA_KERNEL", kernel)
+    planted = min(K // 4, 3 * B) if case == "planted" else 0
+    q, k, bank = make(B, D, K, device="cuda", planted=planted, seed=B * K + D + 1)
+    t = {"none": None, "planted": 0.8, "all": -2.0}[case]
+    q64 = q.double().cpu().requires_grad_()
+    ref, pruned_ref = adam.info_nce(q64, k.double().cpu(), bank.double().cpu(), 0.2, t, return_pruned=True)
+    dref, = torch.autograd.grad(ref, q64)
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        q1 = q.clone().requires_grad_()
+        loss, pruned = adam_ext.info_nce(q1, k, bank, 0.2, t, return_pruned=True)
+        dq, = torch.autograd.grad(loss, q1)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    assert abs(float(loss) - float(ref)) <= 1e-4 * abs(float(ref)) + 1e-6
+    assert float((dq.double().cpu() - dref).norm()) <= 2e-3 * float(dref.norm()) + 1e-9
+    assert float(pruned) == pytest.approx(float(pruned_ref), abs=1e-7)

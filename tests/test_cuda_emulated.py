@@ -1,0 +1,185 @@
+"""The CUDA kernels of the fused op, run on the CPU through a small CUDA emulator, against the
+readable reference adam.info_nce (METHOD.md §4).
+
+Why: CI and most development machines have nvcc but no GPU, so tests/test_fused_op.py's CUDA
+variants skip there and a wrong index in csrc/info_nce_kernels.cuh would pass unnoticed until a
+GPU session. tests/cuda_emu/emu.h gives the kernels threadIdx/blockIdx, __syncthreads (a barrier
+over one OS thread per CUDA thread), warp shuffles and ballots, and the TF32 mma.sync as a
+warp-collective built from the PTX ISA's fragment table; info_nce_emu.cpp runs the SIMPLE, TILED
+and TC partial kernels and the merge kernel with the launcher's own plan (kernels::plan), on
+inputs written by this test. Shared memory starts poisoned with NaN and the output buffers with
+NaN / -1, so an element no thread wrote fails the comparison.
+
+What passes here does not prove the kernels right on a GPU (memory model, alignment, bank
+conflicts and speed are not emulated): gpu_check.sh runs tests/test_fused_op.py on CUDA and
+compute-sanitizer for that. It does prove the arithmetic, the tiling, the split/merge and the
+barrier placement the emulation can see.
+
+Tolerances as in test_fused_op.py: float32 kernels against a float64 reference on the same values
+(bf16 inputs are upcast exactly, so they get the float32 tolerance too): rtol 1e-5 on the loss,
+atol 1e-6 + rtol 1e-4 on the gradient, which is rebuilt from the kernel's per-anchor outputs as
+dL/dq_i = ((exp(-loss_i) - 1) k_i + pb_i) / (T B), the formula adam_ext/ops.py uses. float64 (the
+simple kernel): 1e-10. Pruning counts exactly (no cosine is within rounding of t).
+"""
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import adam
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.join(HERE, "cuda_emu", "info_nce_emu.cpp")
+T = 0.2
+TOL = {"f32": dict(rtol=1e-5, atol=1e-6), "bf16": dict(rtol=1e-5, atol=1e-6), "f64": dict(rtol=1e-10, atol=1e-12)}
+# The TC kernel rounds q, bank rows and P to TF32 (11 significant bits, 2^-11 = 4.9e-4 relative)
+# and accumulates in fp32: errors relative to the whole vector, as METHOD.md's GPU notes measure
+# them (TF32 lands near 3e-4): loss within 1e-4, gradient within 2e-3 in norm.
+TC_LOSS_RTOL, TC_GRAD_RTOL = 1e-4, 2e-3
+GTOL = {"f32": dict(rtol=1e-4, atol=1e-6), "bf16": dict(rtol=1e-4, atol=1e-6), "f64": dict(rtol=1e-10, atol=1e-12)}
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f64": torch.float64}
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler (g++) to build the CUDA emulator")
+    exe = str(tmp_path_factory.mktemp("emu") / "info_nce_emu")
+    r = subprocess.run([cxx, "-std=c++20", "-O2", "-pthread", SRC, "-o", exe], capture_output=True, text=True)
+    assert r.returncode == 0, f"building {SRC} failed:\n{r.stderr[-3000:]}"
+    return exe
+
+
+def make(B, D, K, case, seed):
+    """Unit-norm q, k, bank (float64). planted: a few bank rows are near-copies of anchors
+    (cosine ~0.98, pruned at t = 0.8), the rest random (cosine ~N(0, 1/D), kept)."""
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=1)
+    k = F.normalize(q + 0.5 * torch.randn(B, D, generator=g, dtype=torch.float64), dim=1)
+    bank = F.normalize(torch.randn(K, D, generator=g, dtype=torch.float64), dim=1)
+    n = min(K, 3 * B) if case == "planted" else 0
+    if n:
+        idx = torch.randperm(K, generator=g)[:n]  # spread over tiles and splits, not only the first
+        bank[idx] = F.normalize(q[torch.arange(n) % B] + 0.02 * torch.randn(n, D, generator=g, dtype=torch.float64), dim=1)
+    t = {"none": float("inf"), "planted": 0.8, "all": -2.0}[case]
+    return q, k, bank, t
+
+
+def run_emu(exe, tmp_path, kernel, dtype, q, k, bank, t, need_pb=True, sms=4):
+    B, D = q.shape
+    K = bank.shape[0]
+    for name, x in (("q", q), ("k", k), ("bank", bank)):
+        x.contiguous().view(-1).view(torch.uint8).numpy().tofile(tmp_path / f"{name}.bin")
+    cmd = [exe, kernel, dtype, str(B), str(D), str(K), repr(T), repr(t), str(int(need_pb)), str(sms), str(tmp_path)]
+    # A barrier reached by only part of a block hangs the emulation: the timeout makes it a failure.
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr}"
+    out = dict(loss=np.fromfile(tmp_path / "loss.bin"), lse=np.fromfile(tmp_path / "lse.bin"),
+               n_pruned=np.fromfile(tmp_path / "n_pruned.bin", dtype=np.int64),
+               pb=np.fromfile(tmp_path / "pb.bin").reshape(B, D if need_pb else 0), plan=r.stdout.strip())
+    return {key: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for key, v in out.items()}
+
+
+def check_against_reference(out, q, k, bank, t, dtype, need_pb=True, tf32=False):
+    """q, k, bank: the exact values the kernel saw, in float64. tf32: the TC kernel's tolerances."""
+    qq = q.clone().requires_grad_()
+    loss_ref, pruned_ref = adam.info_nce(qq, k, bank, T, None if t == float("inf") else t, return_pruned=True)
+    (dq_ref,) = torch.autograd.grad(loss_ref, qq)
+    B, K = q.shape[0], bank.shape[0]
+    assert torch.isfinite(out["loss"]).all() and torch.isfinite(out["lse"]).all(), out["plan"]
+    if tf32:
+        assert abs(out["loss"].mean() - loss_ref.detach()) <= TC_LOSS_RTOL * abs(loss_ref.detach()), out["plan"]
+    else:
+        torch.testing.assert_close(out["loss"].mean(), loss_ref.detach(), **TOL[dtype])
+    torch.testing.assert_close(out["n_pruned"], ((q @ bank.T) >= t).sum(1), rtol=0, atol=0)
+    assert out["n_pruned"].sum().item() / (B * K) == pytest.approx(float(pruned_ref), rel=1e-6)  # the reference returns it in float32
+    if need_pb:
+        dq = ((torch.exp(-out["loss"]) - 1)[:, None] * k + out["pb"]) / (T * B)
+        if tf32:
+            assert (dq - dq_ref).norm() <= TC_GRAD_RTOL * dq_ref.norm(), float((dq - dq_ref).norm() / dq_ref.norm())
+        else:
+            torch.testing.assert_close(dq, dq_ref, **GTOL[dtype])
+
+
+# (B, D, K, sms): B = 1; B not a multiple of 64 or 16; K not a multiple of 64; sms = 1 gives one
+# split with many tiles per block, larger sms many splits (some of a single, partial tile).
+# The tc kernel takes D in {64, 128} (D = 256 runs the tiled one).
+FAST_SHAPES = [(1, 64, 777, 4), (70, 128, 1000, 3), (130, 256, 300, 8), (64, 128, 2100, 1), (17, 64, 2000, 64)]
+FAST_CASES = [(kernel, *shape) for kernel in ("tiled", "tc") for shape in FAST_SHAPES if kernel == "tiled" or shape[1] <= 128]
+
+
+@pytest.mark.parametrize("kernel,B,D,K,sms", FAST_CASES)
+@pytest.mark.parametrize("case", ["none", "planted", "all"])
+def test_fast_kernels_match_reference(emu, tmp_path, kernel, B, D, K, sms, case):
+    q, k, bank, t = make(B, D, K, case, seed=B + D + K)
+    out = run_emu(emu, tmp_path, kernel, "f32", q.float(), k.float(), bank.float(), t, sms=sms)
+    check_against_reference(out, q.float().double(), k.float().double(), bank.float().double(), t, "f32",
+                            tf32=kernel == "tc")
+
+
+@pytest.mark.parametrize("kernel", ["tiled", "tc", "simple"])
+def test_bf16_inputs_accumulate_in_fp32(emu, tmp_path, kernel):
+    q, k, bank, t = make(45, 128, 700, "planted", seed=3)
+    qb, kb, bb = (x.to(torch.bfloat16) for x in (q, k, bank))
+    out = run_emu(emu, tmp_path, kernel, "bf16", qb, kb, bb, t)
+    check_against_reference(out, qb.double(), kb.double(), bb.double(), t, "bf16", tf32=kernel == "tc")
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f64"])
+@pytest.mark.parametrize("B,D,K,sms", [(1, 64, 100, 4), (37, 128, 303, 2), (13, 100, 250, 8)])
+def test_simple_kernel_matches_reference(emu, tmp_path, dtype, B, D, K, sms):
+    q, k, bank, t = make(B, D, K, "planted", seed=B * K)
+    x = [v.to(DTYPES[dtype]) for v in (q, k, bank)]
+    out = run_emu(emu, tmp_path, "simple", dtype, *x, t, sms=sms)
+    check_against_reference(out, *(v.double() for v in x), t, dtype)
+
+
+@pytest.mark.parametrize("kernel", ["tiled", "tc", "simple"])
+def test_no_pb_path_and_same_bits_twice(emu, tmp_path, kernel):
+    """need_pb = False skips the P B accumulation but not the loss; and a second run of the same
+    inputs gives the same bits (no atomics anywhere: a difference would mean a race)."""
+    q, k, bank, t = make(50, 64, 400, "planted", seed=7)
+    x = [v.float() for v in (q, k, bank)]
+    out = run_emu(emu, tmp_path, kernel, "f32", *x, t, need_pb=False)
+    check_against_reference(out, *(v.double() for v in x), t, "f32", need_pb=False, tf32=kernel == "tc")
+    a = run_emu(emu, tmp_path, kernel, "f32", *x, t)
+    b = run_emu(emu, tmp_path, kernel, "f32", *x, t)
+    assert torch.equal(a["loss"], out["loss"]) and torch.equal(a["loss"], b["loss"]) and torch.equal(a["pb"], b["pb"])
+
+
+PLANTED_BUGS = {
+    # one bank row per tile dropped from the scores
+    "tiled": ("const bool valid = jt + tx + TX * c < j_end;",
+              "const bool valid = jt + tx + TX * c < j_end && tx + c != 5;"),
+    # the A fragment's a1 and a2 swapped (rows g+8 / columns c+4): a wrong reading of the mma layout
+    "tc": ("const float a[4] = {qs[ra * P + k0 + c], qs[(ra + 8) * P + k0 + c], qs[ra * P + k0 + c + 4],",
+           "const float a[4] = {qs[ra * P + k0 + c], qs[ra * P + k0 + c + 4], qs[(ra + 8) * P + k0 + c],"),
+}
+
+
+@pytest.mark.parametrize("kernel", sorted(PLANTED_BUGS))
+def test_emulator_catches_a_planted_bug(emu, tmp_path, kernel):
+    """The emulation can fail: each fast kernel with a planted bug must disagree with the reference."""
+    src = open(os.path.join(HERE, "..", "csrc", "info_nce_kernels.cuh")).read()
+    needle, bug = PLANTED_BUGS[kernel]
+    assert needle in src, "the planted bug's anchor line moved; update this test"
+    bad_dir = tmp_path / "bad"
+    (bad_dir / "csrc").mkdir(parents=True)
+    (bad_dir / "tests" / "cuda_emu").mkdir(parents=True)
+    (bad_dir / "csrc" / "info_nce_kernels.cuh").write_text(src.replace(needle, bug))
+    for f in ("emu.h", "info_nce_emu.cpp"):
+        shutil.copy(os.path.join(HERE, "cuda_emu", f), bad_dir / "tests" / "cuda_emu" / f)
+    exe = str(tmp_path / "bad_emu")
+    r = subprocess.run([shutil.which("g++") or "c++", "-std=c++20", "-O2", "-pthread",
+                        str(bad_dir / "tests" / "cuda_emu" / "info_nce_emu.cpp"), "-o", exe], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    q, k, bank, t = make(20, 64, 300, "none", seed=1)
+    x = [v.float() for v in (q, k, bank)]
+    out = run_emu(exe, tmp_path, kernel, "f32", *x, t)
+    with pytest.raises(AssertionError):
+        check_against_reference(out, *(v.double() for v in x), t, "f32", tf32=kernel == "tc")

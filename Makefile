@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench gpu-wheels clean
 
 install: $(STAMP)
 
@@ -27,6 +27,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench.py
+
+# The packages the GPU machine's image lacks for the full suite (gpu_check.sh installs .whl/ there;
+# the device call carries it: carry [".whl"]). About 37 MB, pure-Python wheels.
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform any -d .whl segmentation-models-pytorch==0.6.0 pydicom==3.0.2 pydicom-data==1.0.0
 
 clean:
 	rm -rf build *.egg-info adam_ext/*.so runs

@@ -100,6 +100,9 @@ def get_parser():
     g.add_argument("--loss", choices=["auto", "fused", "torch"], default="auto",
                    help="'fused' = the C++/CUDA op of adam_ext, 'torch' = the readable reference; "
                         "'auto' picks fused when it is built")
+    g.add_argument("--tf32", action="store_true",
+                   help="CUDA: allow TF32 in float32 matmuls, so the loss's bank products run on tensor cores "
+                        "(the fused op's tc kernel, or cuBLAS for --loss torch); off: the loss stays exact fp32")
     g = p.add_argument_group("optimisation (authors' code: SGD, cosine per stage)")
     g.add_argument("--epochs", type=int, default=None, help="epochs per stage (paper: 200)")
     g.add_argument("--steps-per-epoch", type=int, default=None,
@@ -700,6 +703,9 @@ def main(argv=None):
     model = nn.parallel.DistributedDataParallel(student, device_ids=[device] if cuda else None) \
         if world > 1 else student
     fused = choose_loss(args.loss, device, say)
+    if args.tf32 and cuda:  # the op's launcher reads the same flag (csrc/info_nce_cuda.cu)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        say("tf32: float32 matmuls may use TF32 (the loss's bank products on tensor cores)")
     views = BatchViews(args.img_size) if args.gpu_views else None  # --gpu-views: augment on the device
     lr = args.lr * args.batch_size / 256
 

@@ -8,15 +8,17 @@
 #   bench     bench.py --device cuda --sweep, all paths (torch, loop, fused, fused_simple, fused_tc, torch_tf32)
 #   suite     the whole test suite
 #   train     ResNet-50, 224 px, paper preset (batch 256, K = 65536, bf16 autocast), level 4,
-#             20 steps through --loss fused / torch and --gpu-views; input pipeline timings
+#             20 steps through --loss fused / torch, fused --tf32 and --gpu-views; input pipeline timings
 # One device call runs at most 10 minutes and the machine is given back 30 s after a call, so use
-# two calls, each rebuilding (about a minute with 16 cores):
-#   OUT=$OUT bash gpu_check.sh env build test sanitize bench
-#   OUT=$OUT bash gpu_check.sh build suite train
+# three calls, each starting with `build` (skipped when the build survived, else about a minute):
+#   OUT=$OUT bash gpu_check.sh env build test sanitize
+#   OUT=$OUT bash gpu_check.sh build bench suite        (carry [".whl"] after `make gpu-wheels`)
+#   OUT=$OUT bash gpu_check.sh build train
 # Logs are written under $WORK (default /tmp/gpu_check) and packed into $OUT as summary.txt,
 # logs.tar.gz and BENCHMARKS_cuda.md (the device tool returns at most 8 files from $OUT).
-# Missing Python packages (segmentation-models-pytorch and pydicom for the suite) can be carried as
-# wheels in .whl/ (see the device README); they are installed into /tmp/site when present.
+# The suite needs segmentation-models-pytorch and pydicom(-data), which the GPU image lacks: run
+# `make gpu-wheels` here first and carry .whl with the call; wheels in .whl/ are installed into
+# /tmp/site when present.
 set -u
 cd "$(dirname "$0")"
 OUT=${OUT:-gpu_out}
@@ -82,7 +84,7 @@ for stage in $STAGES; do
     step bench 400 $PY bench.py --device cuda --sweep --paths torch,loop,fused,fused_simple,fused_tc,torch_tf32 --md "$WORK/BENCHMARKS_cuda.md"
     ;;
   suite)
-    step suite 400 $PY -m pytest tests -q -rs -x
+    step suite 400 $PY -m pytest tests -q -rs
     ;;
   train)
     # Same seed and data for every run; images/s is in each log's progress lines.
@@ -91,6 +93,7 @@ for stage in $STAGES; do
     for loss in fused torch; do
       step "train_$loss" 150 $TRAIN --epochs 1 --steps-per-epoch 20 --print-freq 5 --loss "$loss" --out "$WORK/run_$loss"
     done
+    step train_fused_tf32 150 $TRAIN --epochs 1 --steps-per-epoch 20 --print-freq 5 --loss fused --tf32 --out "$WORK/run_tf32"
     step train_fused_gpu_views 150 $TRAIN --epochs 1 --steps-per-epoch 20 --print-freq 5 --gpu-views --out "$WORK/run_gpu_views"
     step time_data_workers 100 $TRAIN --time-data 20
     step time_data_gpu_views 100 $TRAIN --time-data 20 --gpu-views

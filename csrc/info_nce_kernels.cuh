@@ -1,6 +1,6 @@
 // Device code of adam::info_nce_fwd on CUDA (math and outputs: info_nce.cpp; launcher:
 // info_nce_cuda.cu). Kept apart from ATen so that tests/cuda_emu can compile the very same
-// kernels for the CPU, run every "thread" of a block as an OS thread, and compare the result with
+// kernels for the CPU, run every "thread" of a block as a fiber, and compare the result with
 // the reference on machines without a GPU (tests/test_cuda_emulated.py). That is why this file
 // uses only: threadIdx/blockIdx, __syncthreads, __syncwarp, __shfl_xor_sync, __ballot_sync,
 // __popc, __uint_as_float, float4/uint2/make_float4, expf/logf/fmax and the ADAM_DYNAMIC_SMEM

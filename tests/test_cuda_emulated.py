@@ -3,8 +3,9 @@ readable reference adam.info_nce (METHOD.md §4).
 
 Why: CI and most development machines have nvcc but no GPU, so tests/test_fused_op.py's CUDA
 variants skip there and a wrong index in csrc/info_nce_kernels.cuh would pass unnoticed until a
-GPU session. tests/cuda_emu/emu.h gives the kernels threadIdx/blockIdx, __syncthreads (a barrier
-over one OS thread per CUDA thread), warp shuffles and ballots, and the TF32 mma.sync as a
+GPU session. tests/cuda_emu/emu.h gives the kernels threadIdx/blockIdx, __syncthreads (every
+CUDA thread is a fiber, run to its next barrier one after another, so a missing barrier is a
+wrong result on every run, not a rare one), warp shuffles and ballots, and the TF32 mma.sync as a
 warp-collective built from the PTX ISA's fragment table; info_nce_emu.cpp runs the SIMPLE, TILED
 and TC partial kernels and the merge kernel with the launcher's own plan (kernels::plan), on
 inputs written by this test. Shared memory starts poisoned with NaN and the output buffers with
@@ -50,9 +51,16 @@ def emu(tmp_path_factory):
     if cxx is None:
         pytest.skip("no C++ compiler (g++) to build the CUDA emulator")
     exe = str(tmp_path_factory.mktemp("emu") / "info_nce_emu")
-    r = subprocess.run([cxx, "-std=c++20", "-O2", "-pthread", SRC, "-o", exe], capture_output=True, text=True)
+    r = subprocess.run(CXX_FLAGS(cxx) + [SRC, "-o", exe], capture_output=True, text=True)
+    if r.returncode and "ucontext.h" in r.stderr:
+        pytest.skip(f"no <ucontext.h> (the emulator's fibers need glibc): {r.stderr.strip().splitlines()[0]}")
     assert r.returncode == 0, f"building {SRC} failed:\n{r.stderr[-3000:]}"
     return exe
+
+
+def CXX_FLAGS(cxx):
+    # -U_FORTIFY_SOURCE: the fortified longjmp refuses to jump to another stack, which fibers do.
+    return [cxx, "-std=c++17", "-O2", "-U_FORTIFY_SOURCE", "-Wno-unknown-pragmas"]
 
 
 def make(B, D, K, case, seed):
@@ -70,14 +78,14 @@ def make(B, D, K, case, seed):
     return q, k, bank, t
 
 
-def run_emu(exe, tmp_path, kernel, dtype, q, k, bank, t, need_pb=True, sms=4):
+def run_emu(exe, tmp_path, kernel, dtype, q, k, bank, t, need_pb=True, sms=4, order="forward"):
     B, D = q.shape
     K = bank.shape[0]
     for name, x in (("q", q), ("k", k), ("bank", bank)):
         x.contiguous().view(-1).view(torch.uint8).numpy().tofile(tmp_path / f"{name}.bin")
     cmd = [exe, kernel, dtype, str(B), str(D), str(K), repr(T), repr(t), str(int(need_pb)), str(sms), str(tmp_path)]
-    # A barrier reached by only part of a block hangs the emulation: the timeout makes it a failure.
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    # order: the fibers run thread 0 first in each phase, or the last thread first ("reverse").
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, ADAM_EMU_ORDER=order))
     assert r.returncode == 0, f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr}"
     out = dict(loss=np.fromfile(tmp_path / "loss.bin"), lse=np.fromfile(tmp_path / "lse.bin"),
                n_pruned=np.fromfile(tmp_path / "n_pruned.bin", dtype=np.int64),
@@ -109,7 +117,8 @@ def check_against_reference(out, q, k, bank, t, dtype, need_pb=True, tf32=False)
 # (B, D, K, sms): B = 1; B not a multiple of 64 or 16; K not a multiple of 64; sms = 1 gives one
 # split with many tiles per block, larger sms many splits (some of a single, partial tile).
 # The tc kernel takes D in {64, 128} (D = 256 runs the tiled one).
-FAST_SHAPES = [(1, 64, 777, 4), (70, 128, 1000, 3), (130, 256, 300, 8), (64, 128, 2100, 1), (17, 64, 2000, 64)]
+FAST_SHAPES = [(1, 64, 777, 4), (70, 128, 1000, 3), (130, 256, 300, 8), (64, 128, 2100, 1), (17, 64, 2000, 64),
+               (256, 128, 5000, 132)]  # the last: the H100 plan (132 SMs) at the benchmark's B and D
 FAST_CASES = [(kernel, *shape) for kernel in ("tiled", "tc") for shape in FAST_SHAPES if kernel == "tiled" or shape[1] <= 128]
 
 
@@ -140,46 +149,62 @@ def test_simple_kernel_matches_reference(emu, tmp_path, dtype, B, D, K, sms):
 
 
 @pytest.mark.parametrize("kernel", ["tiled", "tc", "simple"])
-def test_no_pb_path_and_same_bits_twice(emu, tmp_path, kernel):
-    """need_pb = False skips the P B accumulation but not the loss; and a second run of the same
-    inputs gives the same bits (no atomics anywhere: a difference would mean a race)."""
+def test_no_pb_path_and_same_bits_in_any_thread_order(emu, tmp_path, kernel):
+    """need_pb = False skips the P B accumulation but not the loss; and the outputs do not depend
+    on the order in which the threads run (no atomics anywhere: a difference would be a race)."""
     q, k, bank, t = make(50, 64, 400, "planted", seed=7)
     x = [v.float() for v in (q, k, bank)]
     out = run_emu(emu, tmp_path, kernel, "f32", *x, t, need_pb=False)
     check_against_reference(out, *(v.double() for v in x), t, "f32", need_pb=False, tf32=kernel == "tc")
     a = run_emu(emu, tmp_path, kernel, "f32", *x, t)
-    b = run_emu(emu, tmp_path, kernel, "f32", *x, t)
+    b = run_emu(emu, tmp_path, kernel, "f32", *x, t, order="reverse")
+    check_against_reference(b, *(v.double() for v in x), t, "f32", tf32=kernel == "tc")
     assert torch.equal(a["loss"], out["loss"]) and torch.equal(a["loss"], b["loss"]) and torch.equal(a["pb"], b["pb"])
 
 
-PLANTED_BUGS = {
-    # one bank row per tile dropped from the scores
-    "tiled": ("const bool valid = jt + tx + TX * c < j_end;",
-              "const bool valid = jt + tx + TX * c < j_end && tx + c != 5;"),
-    # the A fragment's a1 and a2 swapped (rows g+8 / columns c+4): a wrong reading of the mma layout
-    "tc": ("const float a[4] = {qs[ra * P + k0 + c], qs[(ra + 8) * P + k0 + c], qs[ra * P + k0 + c + 4],",
-           "const float a[4] = {qs[ra * P + k0 + c], qs[ra * P + k0 + c + 4], qs[(ra + 8) * P + k0 + c],"),
-}
+# Bugs the emulation must catch: (kernel, what is planted, line in info_nce_kernels.cuh, replacement).
+PLANTED_BUGS = [
+    ("tiled", "a bank row per tile dropped from the scores",
+     "const bool valid = jt + tx + TX * c < j_end;", "const bool valid = jt + tx + TX * c < j_end && tx + c != 5;"),
+    ("tc", "the mma A fragment's a1 and a2 swapped (a wrong reading of the PTX layout)",
+     "const float a[4] = {qs[ra * P + k0 + c], qs[(ra + 8) * P + k0 + c], qs[ra * P + k0 + c + 4],",
+     "const float a[4] = {qs[ra * P + k0 + c], qs[ra * P + k0 + c + 4], qs[(ra + 8) * P + k0 + c],"),
+    ("tiled", "no barrier between writing the P tile and reading it (read-after-write race)",
+     "      __syncthreads();  // the whole P tile is written\n", ""),
+    ("tiled", "no barrier before the next bank tile overwrites the current one (write-after-read race)",
+     "    __syncthreads();  // all reads of the previous bs and ps are done (and qs is complete)\n", ""),
+    ("tc", "no __syncwarp between a warp's P rows and their use as the mma A operand",
+     "      __syncwarp();  // P_w's rows are written and read by this warp only\n", ""),
+    ("tiled", "a __syncthreads in divergent code (deadlock)",
+     "      __syncthreads();  // the whole P tile is written\n", "      if (tx == 0) __syncthreads();\n"),
+]
 
 
-@pytest.mark.parametrize("kernel", sorted(PLANTED_BUGS))
-def test_emulator_catches_a_planted_bug(emu, tmp_path, kernel):
-    """The emulation can fail: each fast kernel with a planted bug must disagree with the reference."""
-    src = open(os.path.join(HERE, "..", "csrc", "info_nce_kernels.cuh")).read()
-    needle, bug = PLANTED_BUGS[kernel]
-    assert needle in src, "the planted bug's anchor line moved; update this test"
-    bad_dir = tmp_path / "bad"
-    (bad_dir / "csrc").mkdir(parents=True)
-    (bad_dir / "tests" / "cuda_emu").mkdir(parents=True)
-    (bad_dir / "csrc" / "info_nce_kernels.cuh").write_text(src.replace(needle, bug))
-    for f in ("emu.h", "info_nce_emu.cpp"):
-        shutil.copy(os.path.join(HERE, "cuda_emu", f), bad_dir / "tests" / "cuda_emu" / f)
-    exe = str(tmp_path / "bad_emu")
-    r = subprocess.run([shutil.which("g++") or "c++", "-std=c++20", "-O2", "-pthread",
-                        str(bad_dir / "tests" / "cuda_emu" / "info_nce_emu.cpp"), "-o", exe], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    q, k, bank, t = make(20, 64, 300, "none", seed=1)
+_bad_builds = {}  # planted bug -> emulator built with it (each built once for both thread orders)
+
+
+@pytest.mark.parametrize("kernel,what,needle,bug", PLANTED_BUGS, ids=[b[1].split(" (")[0] for b in PLANTED_BUGS])
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+def test_emulator_catches_a_planted_bug(emu, tmp_path_factory, tmp_path, kernel, what, needle, bug, order):
+    """The emulation can fail: each planted bug must make the kernel disagree with the reference
+    (or stop with a deadlock report), whichever thread runs first."""
+    if what not in _bad_builds:
+        src = open(os.path.join(HERE, "..", "csrc", "info_nce_kernels.cuh")).read()
+        assert src.count(needle) == 1, f"the planted bug's anchor line moved; update this test: {needle!r}"
+        bad_dir = tmp_path_factory.mktemp("bad")
+        (bad_dir / "csrc").mkdir(parents=True)
+        (bad_dir / "tests" / "cuda_emu").mkdir(parents=True)
+        (bad_dir / "csrc" / "info_nce_kernels.cuh").write_text(src.replace(needle, bug))
+        for f in ("emu.h", "info_nce_emu.cpp"):
+            shutil.copy(os.path.join(HERE, "cuda_emu", f), bad_dir / "tests" / "cuda_emu" / f)
+        exe = str(bad_dir / "bad_emu")
+        r = subprocess.run(CXX_FLAGS(shutil.which("g++") or "c++") + [str(bad_dir / "tests" / "cuda_emu" / "info_nce_emu.cpp"),
+                           "-o", exe], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        _bad_builds[what] = exe
+    exe = _bad_builds[what]
+    q, k, bank, t = make(70, 64 if kernel == "tiled" else 128, 1000, "none", seed=1)
     x = [v.float() for v in (q, k, bank)]
-    out = run_emu(exe, tmp_path, kernel, "f32", *x, t)
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match="deadlock" if "deadlock" in what else None):
+        out = run_emu(exe, tmp_path, kernel, "f32", *x, t, sms=3, order=order)
         check_against_reference(out, *(v.double() for v in x), t, "f32", tf32=kernel == "tc")

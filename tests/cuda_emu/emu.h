@@ -1,26 +1,34 @@
 // Just enough of CUDA to run csrc/info_nce_kernels.cuh on a CPU, for machines without a GPU.
 //
-// Every CUDA thread of a block is an OS thread; __syncthreads is a std::barrier over the block,
-// warp shuffles and ballots exchange values through a per-warp slot array between two barriers of
-// the warp's 32 threads. Blocks of a grid run one after another, each with freshly poisoned
-// (0xFF bytes = NaN) shared memory, so a read of shared memory nothing wrote shows up as NaN.
+// Every CUDA thread of a block is a fiber (its own stack, switched cooperatively on one OS thread):
+// a fiber runs until it has to wait at a barrier (__syncthreads over the block, or the warp's
+// barrier inside __syncwarp, shuffles, ballots and mma), then the next fiber runs. So each phase
+// between two barriers is executed by thread 0 to the end, then thread 1, ... (or in reverse with
+// ADAM_EMU_ORDER=reverse): a missing barrier is not a matter of luck here - the first thread reads
+// shared memory the others have not written yet (read-after-write), or the last thread to arrive
+// runs on and overwrites what the others still have to read (write-after-read), and the result is
+// wrong on every run. Blocks of a grid run one after another, each with freshly poisoned shared
+// memory (0xFF bytes = NaN), so a read of shared memory nothing wrote shows up as NaN. A barrier
+// that only part of a block reaches is reported as a deadlock (abort) instead of hanging.
 //
 // What it checks: indexing, tiling, the online log-sum-exp and split merge, the pruning count,
-// barrier placement for the orderings that matter in this emulation (a missing barrier shows as a
-// wrong or moving result, a barrier in divergent code as a hang, which the test's timeout turns
-// into a failure). What it cannot check: the GPU memory model, bank conflicts, alignment faults,
-// speed. compute-sanitizer on a real GPU (gpu_check.sh) is still the word on those.
+// barrier placement. What it cannot check: the GPU memory model beyond barriers, bank conflicts,
+// alignment faults, speed. compute-sanitizer on a real GPU (gpu_check.sh) is still the word on
+// those. Fibers switch with _setjmp/_longjmp after a first setcontext (no signal-mask syscall per
+// switch); build with -U_FORTIFY_SOURCE, whose longjmp check rejects a jump to another stack.
 #pragma once
 
 #include <array>
-#include <barrier>
 #include <cmath>
+#include <csetjmp>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <math.h>
 #include <memory>
-#include <thread>
+#include <ucontext.h>
 #include <vector>
 
 #define ADAM_CUDA_EMU 1  // info_nce_kernels.cuh then takes to_tf32 and mma_tf32 from here
@@ -54,48 +62,116 @@ namespace emu {
 struct Idx {
   unsigned x, y, z;
 };
-inline thread_local Idx tl_thread, tl_block;
+struct Fiber {
+  ucontext_t start;
+  jmp_buf resume;
+  bool started = false, done = false;
+  Idx idx{};
+};
+constexpr size_t STACK = 256 * 1024;
+inline std::vector<Fiber> g_fibers;
+inline std::vector<std::unique_ptr<char[]>> g_stacks;
+inline int g_cur = 0;
+inline jmp_buf g_sched;
+inline bool g_progress = false;
+inline const std::function<void()>* g_body = nullptr;
+inline Idx g_block{};
 inline unsigned char* g_smem = nullptr;
-inline std::barrier<>* g_block_bar = nullptr;
-inline std::vector<std::unique_ptr<std::barrier<>>> g_warp_bar;
-inline std::vector<std::array<uint64_t, 32>> g_slots;
-inline std::vector<std::array<std::array<float, 10>, 32>> g_mma;  // per warp: each lane's a[4], b[2], d[4]
 
-inline std::barrier<>& warp_bar() { return *g_warp_bar[tl_thread.x / 32]; }
+inline void yield() {  // back to the scheduler; it resumes this fiber later
+  if (!_setjmp(g_fibers[g_cur].resume)) _longjmp(g_sched, 1);
+}
+inline void fiber_main() {
+  (*g_body)();
+  g_fibers[g_cur].done = true;
+  g_progress = true;
+  _longjmp(g_sched, 1);  // never returns: the scheduler forgets this fiber
+}
+
+struct Barrier {
+  int n = 0, count = 0;
+  unsigned gen = 0;
+  void arrive_and_wait() {
+    const unsigned mine = gen;
+    g_progress = true;
+    if (++count == n) {  // the last to arrive releases the others and runs on
+      count = 0;
+      ++gen;
+      return;
+    }
+    while (gen == mine) yield();
+  }
+};
+inline Barrier g_block_bar;
+inline std::vector<Barrier> g_warp_bar;
+inline std::vector<std::array<uint64_t, 32>> g_slots;
+inline std::vector<std::array<std::array<float, 10>, 32>> g_mma;  // per warp: each lane's a[4], b[2]
+
+inline const Idx& thread_idx() { return g_fibers[g_cur].idx; }
+inline Barrier& warp_bar() { return g_warp_bar[thread_idx().x / 32]; }
 
 // Runs body() as the kernel for every block of `grid`, `nthreads` threads each.
 template <class F>
 void launch(dim3 grid, int nthreads, size_t smem_bytes, F body) {
   if (nthreads % 32) std::abort();
+  const char* order = std::getenv("ADAM_EMU_ORDER");
+  const bool reverse = order && std::strcmp(order, "reverse") == 0;
   std::vector<float4> smem((smem_bytes + 15) / 16 + 1);
   g_smem = reinterpret_cast<unsigned char*>(smem.data());
-  std::barrier<> block_bar(nthreads);
-  g_block_bar = &block_bar;
-  g_warp_bar.clear();
-  for (int w = 0; w < nthreads / 32; ++w) g_warp_bar.push_back(std::make_unique<std::barrier<>>(32));
-  g_slots.assign(nthreads / 32, {});
-  g_mma.assign(nthreads / 32, {});
-  std::vector<std::thread> threads;
-  for (int tid = 0; tid < nthreads; ++tid)
-    threads.emplace_back([&, tid] {
-      tl_thread = {unsigned(tid), 0, 0};
-      for (unsigned by = 0; by < grid.y; ++by)
-        for (unsigned bx = 0; bx < grid.x; ++bx) {
-          tl_block = {bx, by, 0};
-          if (tid == 0) std::memset(g_smem, 0xFF, smem_bytes);  // poison: NaN floats
-          block_bar.arrive_and_wait();
-          body();
-          block_bar.arrive_and_wait();  // the block is done before the next one reuses smem
+  const std::function<void()> fn = body;
+  g_body = &fn;
+  g_fibers.assign(nthreads, Fiber{});
+  while (int(g_stacks.size()) < nthreads) g_stacks.emplace_back(new char[STACK]);
+  for (unsigned by = 0; by < grid.y; ++by)
+    for (unsigned bx = 0; bx < grid.x; ++bx) {
+      g_block = {bx, by, 0};
+      std::memset(g_smem, 0xFF, smem_bytes);  // poison: NaN floats
+      g_block_bar = Barrier{nthreads};
+      g_warp_bar.assign(nthreads / 32, Barrier{32});
+      g_slots.assign(nthreads / 32, {});
+      g_mma.assign(nthreads / 32, {});
+      for (int tid = 0; tid < nthreads; ++tid) {
+        Fiber& f = g_fibers[tid];
+        f = Fiber{};
+        f.idx = {unsigned(tid), 0, 0};
+        getcontext(&f.start);
+        f.start.uc_stack.ss_sp = g_stacks[tid].get();
+        f.start.uc_stack.ss_size = STACK;
+        f.start.uc_link = nullptr;
+        makecontext(&f.start, fiber_main, 0);
+      }
+      for (int alive = nthreads; alive > 0;) {
+        g_progress = false;
+        alive = 0;
+        for (int k = 0; k < nthreads; ++k) {
+          const int tid = reverse ? nthreads - 1 - k : k;
+          Fiber& f = g_fibers[tid];
+          if (f.done) continue;
+          g_cur = tid;
+          if (!_setjmp(g_sched)) {
+            if (!f.started) {
+              f.started = true;
+              setcontext(&f.start);
+            }
+            _longjmp(f.resume, 1);
+          }
+          alive += !g_fibers[tid].done;
         }
-    });
-  for (auto& t : threads) t.join();
+        if (alive && !g_progress) {
+          std::fprintf(stderr, "emu: deadlock in block (%u, %u): %d threads wait at a barrier that the others "
+                               "never reach (a barrier in divergent code?)\n", bx, by, alive);
+          std::abort();
+        }
+      }
+    }
+  g_body = nullptr;
 }
 }  // namespace emu
 
-#define threadIdx emu::tl_thread
-#define blockIdx emu::tl_block
+#define threadIdx (emu::thread_idx())
+#define blockIdx (emu::g_block)
 
-inline void __syncthreads() { emu::g_block_bar->arrive_and_wait(); }
+inline void __syncthreads() { emu::g_block_bar.arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_bar().arrive_and_wait(); }
 
 template <class T>

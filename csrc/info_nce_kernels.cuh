@@ -179,6 +179,60 @@ inline int64_t smem_bytes(int64_t D) { return int64_t(sizeof(float)) * ((BM + BN
 inline int min_blocks(int64_t D) { return D <= 128 ? 2 : 1; }  // what __launch_bounds__ promises
 }  // namespace tiled
 
+// One bank tile of one anchor's online log-sum-exp, shared by the tiled and tc kernels. The row's
+// scores s_ij are spread over LANES threads (lanes differing in their low log2(LANES) bits), N
+// per thread in x; valid[n] says whether x[n] is a real bank row. Applies the purposive pruner
+// (keep iff s_ij < t; METHOD.md §4), counts what it prunes, turns x into p = exp(s_ij/T - m_new)
+// (0 for pruned and padding), folds the tile into (m_run, l_run) and returns the factor
+// exp(m_old - m_new) by which the row's running sum of p b must be rescaled.
+template <int N, int LANES>
+__device__ __forceinline__ float lse_tile(float (&x)[N], const bool (&valid)[N], float T, float t,
+                                          float& m_run, float& l_run, int& cnt) {
+  const float ninf = -INFINITY;
+  float mx = ninf;
+#pragma unroll
+  for (int n = 0; n < N; ++n) {
+    const bool kept = valid[n] && x[n] < t;
+    cnt += (valid[n] && !kept) ? 1 : 0;
+    x[n] = kept ? x[n] / T : ninf;
+    mx = fmax(mx, x[n]);
+  }
+#pragma unroll
+  for (int o = LANES / 2; o > 0; o >>= 1) mx = fmax(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  const float m_new = fmax(m_run, mx);
+  const float sub = m_new == ninf ? 0.f : m_new;  // nothing kept yet: avoid inf - inf
+  float psum = 0.f;
+#pragma unroll
+  for (int n = 0; n < N; ++n) {
+    x[n] = expf(x[n] - sub);  // pruned and padded: exp(-inf) = 0
+    psum += x[n];
+  }
+#pragma unroll
+  for (int o = LANES / 2; o > 0; o >>= 1) psum += __shfl_xor_sync(0xffffffffu, psum, o);
+  const float scale = m_run == ninf ? 0.f : expf(m_run - m_new);
+  l_run = l_run * scale + psum;
+  m_run = m_new;
+  return scale;
+}
+
+// The end of a block's walk for one anchor (row i of the batch; rows >= B are padding): the
+// pruned count summed over the row's LANES lanes, then (m, l, count) written by its first lane at
+// split * B + i. Returns whether the row is real (then the caller writes its sum of p b).
+template <int LANES>
+__device__ __forceinline__ bool write_row_state(int64_t i, int64_t B, int64_t split, bool first_lane,
+                                                float m_run, float l_run, int cnt, float* part_m,
+                                                float* part_l, int64_t* part_cnt) {
+#pragma unroll
+  for (int o = LANES / 2; o > 0; o >>= 1) cnt += __shfl_xor_sync(0xffffffffu, cnt, o);
+  if (i >= B) return false;
+  if (first_lane) {
+    part_m[split * B + i] = m_run;
+    part_l[split * B + i] = l_run;
+    part_cnt[split * B + i] = cnt;
+  }
+  return true;
+}
+
 __device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 // 4 bf16 values given as raw bits: a bf16 is the upper half of a float32, so upcasting is a shift.
 __device__ __forceinline__ float4 load4(const uint16_t* p) {
@@ -268,30 +322,10 @@ __global__ void __launch_bounds__(tiled::NT, MIN_BLOCKS)
     // Purposive pruning and the online log-sum-exp, row by row; s becomes p.
 #pragma unroll
     for (int r = 0; r < TM; ++r) {
-      float mx = ninf;
+      bool valid[TN];
 #pragma unroll
-      for (int c = 0; c < TN; ++c) {
-        const bool valid = jt + tx + TX * c < j_end;
-        const bool kept = valid && s[r][c] < t;  // keep iff s_ij < t
-        cnt[r] += (valid && !kept) ? 1 : 0;
-        s[r][c] = kept ? s[r][c] / T : ninf;
-        mx = fmax(mx, s[r][c]);
-      }
-#pragma unroll
-      for (int o = TX / 2; o > 0; o >>= 1) mx = fmax(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-      const float m_new = fmax(m_run[r], mx);
-      const float sub = m_new == ninf ? 0.f : m_new;  // nothing kept yet: avoid inf - inf
-      float psum = 0.f;
-#pragma unroll
-      for (int c = 0; c < TN; ++c) {
-        s[r][c] = expf(s[r][c] - sub);  // pruned and padded: exp(-inf) = 0
-        psum += s[r][c];
-      }
-#pragma unroll
-      for (int o = TX / 2; o > 0; o >>= 1) psum += __shfl_xor_sync(0xffffffffu, psum, o);
-      const float scale = m_run[r] == ninf ? 0.f : expf(m_run[r] - m_new);
-      l_run[r] = l_run[r] * scale + psum;
-      m_run[r] = m_new;
+      for (int c = 0; c < TN; ++c) valid[c] = jt + tx + TX * c < j_end;
+      const float scale = lse_tile<TN, TX>(s[r], valid, T, t, m_run[r], l_run[r], cnt[r]);
       if (need_pb) {
 #pragma unroll
         for (int e = 0; e < DE; ++e) {
@@ -333,20 +367,11 @@ __global__ void __launch_bounds__(tiled::NT, MIN_BLOCKS)
 
 #pragma unroll
   for (int r = 0; r < TM; ++r) {
-    int c = cnt[r];
-#pragma unroll
-    for (int o = TX / 2; o > 0; o >>= 1) c += __shfl_xor_sync(0xffffffffu, c, o);
     const int64_t i = i0 + ty * TM + r;
-    if (i >= B) continue;
-    const int64_t o = split * B + i;
-    if (tx == 0) {
-      part_m[o] = m_run[r];
-      part_l[o] = l_run[r];
-      part_cnt[o] = c;
-    }
-    if (need_pb) {
+    if (write_row_state<TX>(i, B, split, tx == 0, m_run[r], l_run[r], cnt[r], part_m, part_l, part_cnt) && need_pb) {
 #pragma unroll
-      for (int e = 0; e < DE; ++e) *reinterpret_cast<float4*>(part_acc + o * D + 4 * tx + 64 * e) = acc[r][e];
+      for (int e = 0; e < DE; ++e)
+        *reinterpret_cast<float4*>(part_acc + (split * B + i) * D + 4 * tx + 64 * e) = acc[r][e];
     }
   }
 }
@@ -461,35 +486,17 @@ __global__ void __launch_bounds__(tc::NT)
     }
 
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {  // row ra + 8h: entries s[n][2h], s[n][2h+1]
-      float mx = ninf;
+    for (int h = 0; h < 2; ++h) {  // row ra + 8h: entries s[n][2h], s[n][2h+1], spread over the 4 lanes c
+      float x[2 * NB];
+      bool valid[2 * NB];
 #pragma unroll
       for (int n = 0; n < NB; ++n)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const bool valid = jt + 8 * n + 2 * c + e < j_end;
-          const bool kept = valid && s[n][2 * h + e] < t;  // keep iff s_ij < t
-          cnt[h] += (valid && !kept) ? 1 : 0;
-          s[n][2 * h + e] = kept ? s[n][2 * h + e] / T : ninf;
-          mx = fmax(mx, s[n][2 * h + e]);
+          x[2 * n + e] = s[n][2 * h + e];
+          valid[2 * n + e] = jt + 8 * n + 2 * c + e < j_end;
         }
-      mx = fmax(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 lanes of a row: c = 0..3
-      mx = fmax(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmax(m_run[h], mx);
-      const float sub = m_new == ninf ? 0.f : m_new;
-      float psum = 0.f;
-#pragma unroll
-      for (int n = 0; n < NB; ++n)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          s[n][2 * h + e] = expf(s[n][2 * h + e] - sub);  // pruned and padded: exp(-inf) = 0
-          psum += s[n][2 * h + e];
-        }
-      psum += __shfl_xor_sync(0xffffffffu, psum, 1);
-      psum += __shfl_xor_sync(0xffffffffu, psum, 2);
-      const float scale = m_run[h] == ninf ? 0.f : expf(m_run[h] - m_new);
-      l_run[h] = l_run[h] * scale + psum;
-      m_run[h] = m_new;
+      const float scale = lse_tile<2 * NB, 4>(x, valid, T, t, m_run[h], l_run[h], cnt[h]);
       if (need_pb) {
 #pragma unroll
         for (int n = 0; n < NO; ++n) {
@@ -497,9 +504,7 @@ __global__ void __launch_bounds__(tc::NT)
           o[n][2 * h + 1] *= scale;
         }
 #pragma unroll
-        for (int n = 0; n < NB; ++n)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) ps[(ra + 8 * h) * PS + 8 * n + 2 * c + e] = to_tf32(s[n][2 * h + e]);
+        for (int n = 0; n < 2 * NB; ++n) ps[(ra + 8 * h) * PS + 8 * (n / 2) + 2 * c + n % 2] = to_tf32(x[n]);
       }
     }
 
@@ -521,22 +526,12 @@ __global__ void __launch_bounds__(tc::NT)
 
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    int n_pr = cnt[h];
-    n_pr += __shfl_xor_sync(0xffffffffu, n_pr, 1);
-    n_pr += __shfl_xor_sync(0xffffffffu, n_pr, 2);
     const int64_t i = i0 + ra + 8 * h;
-    if (i >= B) continue;
-    const int64_t o_idx = split * B + i;
-    if (c == 0) {
-      part_m[o_idx] = m_run[h];
-      part_l[o_idx] = l_run[h];
-      part_cnt[o_idx] = n_pr;
-    }
-    if (need_pb) {
+    if (write_row_state<4>(i, B, split, c == 0, m_run[h], l_run[h], cnt[h], part_m, part_l, part_cnt) && need_pb) {
 #pragma unroll
       for (int n = 0; n < NO; ++n) {
-        part_acc[o_idx * D + 8 * n + 2 * c] = o[n][2 * h];
-        part_acc[o_idx * D + 8 * n + 2 * c + 1] = o[n][2 * h + 1];
+        part_acc[(split * B + i) * D + 8 * n + 2 * c] = o[n][2 * h];
+        part_acc[(split * B + i) * D + 8 * n + 2 * c + 1] = o[n][2 * h + 1];
       }
     }
   }

@@ -165,7 +165,7 @@ def test_no_pb_path_and_same_bits_in_any_thread_order(emu, tmp_path, kernel):
 # Bugs the emulation must catch: (kernel, what is planted, line in info_nce_kernels.cuh, replacement).
 PLANTED_BUGS = [
     ("tiled", "a bank row per tile dropped from the scores",
-     "const bool valid = jt + tx + TX * c < j_end;", "const bool valid = jt + tx + TX * c < j_end && tx + c != 5;"),
+     "valid[c] = jt + tx + TX * c < j_end;", "valid[c] = jt + tx + TX * c < j_end && tx + c != 5;"),
     ("tc", "the mma A fragment's a1 and a2 swapped (a wrong reading of the PTX layout)",
      "const float a[4] = {qs[ra * P + k0 + c], qs[(ra + 8) * P + k0 + c], qs[ra * P + k0 + c + 4],",
      "const float a[4] = {qs[ra * P + k0 + c], qs[ra * P + k0 + c + 4], qs[(ra + 8) * P + k0 + c],"),

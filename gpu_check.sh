@@ -2,7 +2,7 @@
 # GPU check of the fused op (issue 3 "Done when") and of training on a GPU, for a machine with its
 # own python3 (PyTorch cu13x), no network, no venv. Stages, run in the order given (default: all):
 #   env       nvidia-smi, versions, which tools exist
-#   build     pip install -e . for this GPU's arch only (skipped when a CUDA build is already importable)
+#   build     setup.py build_ext --inplace for this GPU's arch only (incremental on a warm machine)
 #   test      tests/test_fused_op.py on CUDA (both kernels) + tests/test_cuda_emulated.py
 #   sanitize  compute-sanitizer memcheck and racecheck over the CUDA tests that launch the kernels
 #   bench     bench.py --device cuda --sweep, all paths (torch, loop, fused, fused_simple, fused_tc, torch_tf32)
@@ -10,7 +10,7 @@
 #   train     ResNet-50, 224 px, paper preset (batch 256, K = 65536, bf16 autocast), level 4,
 #             20 steps through --loss fused / torch, fused --tf32 and --gpu-views; input pipeline timings
 # One device call runs at most 10 minutes and the machine is given back 30 s after a call, so use
-# three calls, each starting with `build` (skipped when the build survived, else about a minute):
+# three calls, each starting with `build` (seconds when the build survived, else about a minute):
 #   OUT=$OUT bash gpu_check.sh env build test sanitize
 #   OUT=$OUT bash gpu_check.sh build bench suite        (carry [".whl"] after `make gpu-wheels`)
 #   OUT=$OUT bash gpu_check.sh build train
@@ -34,15 +34,15 @@ step() {  # step NAME TIMEOUT_S CMD... : CMD's output to $WORK/NAME.txt; records
   local rc=$?
   say "$name: rc=$rc, $((SECONDS - t0)) s$([ $rc = 124 ] && echo " (timed out after $limit s)")"
   tail -n 3 "$WORK/$name.txt" | sed 's/^/   /' | tee -a "$WORK/summary.txt"
+  save
   return $rc
 }
-pack() {
+save() {  # after every step, so that a call killed at its time limit still returns what ran
   cp "$WORK/summary.txt" "$OUT/summary.txt" 2>/dev/null
   [ -f "$WORK/BENCHMARKS_cuda.md" ] && cp "$WORK/BENCHMARKS_cuda.md" "$OUT/"
   tar -C "$WORK" -czf "$OUT/logs.tar.gz" --exclude='phantom*' --exclude='run_*' . 2>/dev/null
-  echo; cat "$WORK/summary.txt"
 }
-trap pack EXIT
+trap 'save; echo; cat "$WORK/summary.txt"' EXIT
 
 if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -62,23 +62,22 @@ for stage in $STAGES; do
     for tool in nvcc compute-sanitizer ncu g++; do echo "$tool: $(command -v $tool || echo missing)"; done | tee -a "$WORK/summary.txt"
     ;;
   build)
-    if $PY -c "import adam_ext, sys; sys.exit('CUDA' not in adam_ext.build_info())" 2>/dev/null; then
-      say "build: already built ($($PY -c 'import adam_ext; print(adam_ext.build_info())'))"
-    else
-      step build 400 $PY -m pip install --no-build-isolation --no-deps -e . \
-        || step build_inplace 400 $PY setup.py build_ext --inplace \
-        || { say "BUILD FAILED, see build*.txt"; exit 1; }
-      $PY -c "import adam_ext; print('adam_ext', adam_ext.build_info())" 2>&1 | tee -a "$WORK/summary.txt"
-    fi
+    # Always, in place (adam_ext/_C*.so; the repo root is on sys.path of every command here): on a
+    # machine kept warm between calls, ninja recompiles only what changed (pip install -e builds
+    # in a fresh temporary folder every time, so it is only the fallback).
+    step build 300 $PY setup.py build_ext --inplace \
+      || step build_pip 300 $PY -m pip install --no-build-isolation --no-deps -e . \
+      || { say "BUILD FAILED, see build*.txt"; exit 1; }
+    $PY -c "import adam_ext; print('adam_ext', adam_ext.build_info())" 2>&1 | tee -a "$WORK/summary.txt"
     ;;
   test)
-    step test 240 $PY -m pytest tests/test_fused_op.py tests/test_cuda_emulated.py -q -rs
+    step test 150 $PY -m pytest tests/test_fused_op.py tests/test_cuda_emulated.py -q -rs
     ;;
   sanitize)
     # Only the CUDA tests that launch the kernels (compile/opcheck: slow and CPU-side).
     SEL="cuda and (matches_reference or bulk or low_precision or large_d or kernel_choice or no_grad or tf32)"
-    step memcheck 300 "$CS" --tool memcheck --error-exitcode 1 $PY -m pytest tests/test_fused_op.py -q -x -k "$SEL"
-    step racecheck 300 "$CS" --tool racecheck --error-exitcode 1 $PY -m pytest tests/test_fused_op.py -q -x -k "$SEL"
+    step memcheck 180 "$CS" --tool memcheck --error-exitcode 1 $PY -m pytest tests/test_fused_op.py -q -x -k "$SEL"
+    step racecheck 180 "$CS" --tool racecheck --error-exitcode 1 $PY -m pytest tests/test_fused_op.py -q -x -k "$SEL"
     ;;
   bench)
     step bench 400 $PY bench.py --device cuda --sweep --paths torch,loop,fused,fused_simple,fused_tc,torch_tf32 --md "$WORK/BENCHMARKS_cuda.md"

@@ -45,40 +45,6 @@ std::string kernel_choice() {
   return s;
 }
 
-// Launches one of the tiled/tc kernels (same signature) with its dynamic shared memory.
-template <typename raw_t>
-void launch_partial(void (*kern)(const raw_t*, const raw_t*, int64_t, int64_t, int64_t, float, float, bool,
-                                 float*, float*, int64_t*, float*),
-                    int threads, int64_t smem, const at::Tensor& q, const at::Tensor& queue,
-                    int64_t rows_per_split, dim3 grid, float T, float t, bool need_pb, at::Tensor& part_m,
-                    at::Tensor& part_l, at::Tensor& part_cnt, at::Tensor& part_acc, cudaStream_t stream) {
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  kern<<<grid, threads, smem, stream>>>(
-      reinterpret_cast<const raw_t*>(q.data_ptr()), reinterpret_cast<const raw_t*>(queue.data_ptr()),
-      q.size(0), queue.size(0), rows_per_split, T, t, need_pb, part_m.data_ptr<float>(),
-      part_l.data_ptr<float>(), part_cnt.data_ptr<int64_t>(),
-      need_pb ? part_acc.data_ptr<float>() : nullptr);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename raw_t>
-void launch_fast(Kernel kind, int64_t D, const at::Tensor& q, const at::Tensor& queue, int64_t rows_per_split,
-                 dim3 grid, float T, float t, bool need_pb, at::Tensor& part_m, at::Tensor& part_l,
-                 at::Tensor& part_cnt, at::Tensor& part_acc, cudaStream_t stream) {
-#define ADAM_ARGS q, queue, rows_per_split, grid, T, t, need_pb, part_m, part_l, part_cnt, part_acc, stream
-  if (kind == Kernel::TC) {
-    const int64_t smem = tc::smem_bytes(D);
-    if (D == 64) launch_partial<raw_t>(info_nce_partial_tc_kernel<raw_t, 64>, tc::NT, smem, ADAM_ARGS);
-    else launch_partial<raw_t>(info_nce_partial_tc_kernel<raw_t, 128>, tc::NT, smem, ADAM_ARGS);
-  } else {
-    const int64_t smem = tiled::smem_bytes(D);
-    if (D == 64) launch_partial<raw_t>(info_nce_partial_tiled_kernel<raw_t, 64, 2>, tiled::NT, smem, ADAM_ARGS);
-    else if (D == 128) launch_partial<raw_t>(info_nce_partial_tiled_kernel<raw_t, 128, 2>, tiled::NT, smem, ADAM_ARGS);
-    else launch_partial<raw_t>(info_nce_partial_tiled_kernel<raw_t, 256, 1>, tiled::NT, smem, ADAM_ARGS);
-  }
-#undef ADAM_ARGS
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_fwd_cuda(
@@ -130,19 +96,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_fwd_cuda(
   if (kind != Kernel::SIMPLE) {
     const dim3 grid(static_cast<unsigned>(pl.row_tiles), static_cast<unsigned>(nsplit));
     const float T = static_cast<float>(temperature), t = static_cast<float>(threshold);
-    if (dt == at::kFloat)
-      launch_fast<float>(kind, D, q, queue, pl.rows_per_split, grid, T, t, need_pb, part_m, part_l, part_cnt,
-                         part_acc, stream);
-    else
-      launch_fast<uint16_t>(kind, D, q, queue, pl.rows_per_split, grid, T, t, need_pb, part_m, part_l, part_cnt,
-                            part_acc, stream);
+    auto run = [&](auto raw) {  // raw: float, or uint16_t for bf16 bits
+      using raw_t = decltype(raw);
+      with_fast_kernel<raw_t>(kind, D, [&](auto kern, int threads, int64_t smem) {
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+        kern<<<grid, threads, smem, stream>>>(
+            reinterpret_cast<const raw_t*>(q.data_ptr()), reinterpret_cast<const raw_t*>(queue.data_ptr()), B, K,
+            pl.rows_per_split, T, t, need_pb, part_m.data_ptr<float>(), part_l.data_ptr<float>(),
+            part_cnt.data_ptr<int64_t>(), need_pb ? part_acc.data_ptr<float>() : nullptr);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    };
+    if (dt == at::kFloat) run(float{});
+    else run(uint16_t{});
   }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "adam_info_nce_fwd_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     if (kind == Kernel::SIMPLE) {
-      const size_t smem = sizeof(acc_t) * ((simple::BM + simple::BN) * (D + 1) + simple::BM * simple::BN +
-                                           (need_pb ? simple::BM * D : 0));
+      const size_t smem = simple::smem_bytes(D, need_pb, sizeof(acc_t));
       TORCH_CHECK(smem <= size_t(smem_optin), "adam::info_nce: D = ", D, " needs ", smem,
                   " bytes of shared memory per block, the device has ", smem_optin);
       auto kern = info_nce_partial_kernel<scalar_t, acc_t>;

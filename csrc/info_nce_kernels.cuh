@@ -64,6 +64,10 @@ constexpr int NT = BM * BN;   // 256 threads: one score per thread per tile
 constexpr int WARPS = NT / 32;
 constexpr int ROWS_PER_WARP = BM / WARPS;  // 2 anchors per warp in the softmax/accumulate phase
 static_assert(BN <= 32 && BM % WARPS == 0, "tile shape");
+// q tile, bank tile (rows padded to D + 1), scores, and the running sum of p b when it is needed.
+inline int64_t smem_bytes(int64_t D, bool need_pb, int64_t acc_size) {
+  return acc_size * ((BM + BN) * (D + 1) + BM * BN + (need_pb ? BM * D : 0));
+}
 }  // namespace simple
 
 template <typename scalar_t, typename acc_t>
@@ -241,6 +245,34 @@ __device__ __forceinline__ float4 load4(const uint16_t* p) {
                      __uint_as_float(u.y << 16), __uint_as_float(u.y & 0xffff0000u));
 }
 
+#ifndef ADAM_CUDA_EMU  // (the emulator brings its own)
+// Round to TF32 (nearest, ties away) for the tc kernel, returned as float bits with the low 13 bits zero.
+__device__ __forceinline__ float to_tf32(float x) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return __uint_as_float(r);
+#else
+  return x;  // never runs: the launcher picks the tc kernel on sm_80+ only
+#endif
+}
+#endif
+
+// Rows row0 .. row0 + ROWS - 1 of a row-major (., D) matrix into a ROWS x (D + 4) float tile in
+// shared memory, 16 bytes per access, zeros from row row_end on (padding the last tile). TF32:
+// rounded for the tensor cores. Every thread of the NT-thread block takes part.
+template <int D, int ROWS, int NT, bool TF32, typename scalar_t>
+__device__ __forceinline__ void load_rows(float* tile, const scalar_t* src, int64_t row0, int64_t row_end, int tid) {
+  constexpr int D4 = D / 4;
+#pragma unroll 4
+  for (int e = tid; e < ROWS * D4; e += NT) {
+    const int r = e / D4, c4 = e % D4;
+    float4 v = row0 + r < row_end ? load4(src + (row0 + r) * D + 4 * c4) : make_float4(0.f, 0.f, 0.f, 0.f);
+    if (TF32) v = make_float4(to_tf32(v.x), to_tf32(v.y), to_tf32(v.z), to_tf32(v.w));
+    *reinterpret_cast<float4*>(tile + r * (D + 4) + 4 * c4) = v;
+  }
+}
+
 // scalar_t: float, or uint16_t holding bf16 bits. Accumulates in fp32.
 template <typename scalar_t, int D, int MIN_BLOCKS>
 __global__ void __launch_bounds__(tiled::NT, MIN_BLOCKS)
@@ -266,10 +298,7 @@ __global__ void __launch_bounds__(tiled::NT, MIN_BLOCKS)
   const float ninf = -INFINITY;
   const float4 zero4 = make_float4(0.f, 0.f, 0.f, 0.f);
 
-  for (int e = tid; e < BM * D4; e += NT) {  // anchors beyond B are zero rows, never written out
-    const int r = e / D4, c4 = e % D4;
-    *reinterpret_cast<float4*>(qs + r * P + 4 * c4) = (i0 + r < B) ? load4(q + (i0 + r) * D + 4 * c4) : zero4;
-  }
+  load_rows<D, BM, NT, false>(qs, q, i0, B, tid);  // anchors beyond B are zero rows, never written out
   float m_run[TM], l_run[TM];
   int cnt[TM];
   float4 acc[TM][DE];
@@ -399,16 +428,6 @@ inline int64_t smem_bytes(int64_t D) { return int64_t(sizeof(float)) * ((BM + BN
 }  // namespace tc
 
 #ifndef ADAM_CUDA_EMU
-// Round to TF32 (nearest, ties away), returned as float bits with the low 13 bits zero.
-__device__ __forceinline__ float to_tf32(float x) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
-  return __uint_as_float(r);
-#else
-  return x;  // never runs: the launcher picks the tc kernel on sm_80+ only
-#endif
-}
 // d += A B for one 16 x 8 x 8 TF32 tile (fragments as in the table above).
 __device__ __forceinline__ void mma_tf32(float (&d)[4], const float (&a)[4], const float (&b)[2]) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -432,11 +451,9 @@ __global__ void __launch_bounds__(tc::NT)
                                int64_t* __restrict__ part_cnt, float* __restrict__ part_acc) {
   using namespace tc;
   constexpr int P = D + 4;
-  constexpr int D4 = D / 4;
-  constexpr int NB = BN / 8;        // n-blocks of S
-  constexpr int NO = D / 8;         // n-blocks of O
-  constexpr int LD = BN * D4 / NT;  // float4 bank loads per thread per tile
-  static_assert(D % 64 == 0 && (BN * D4) % NT == 0, "tile shape");
+  constexpr int NB = BN / 8;  // n-blocks of S
+  constexpr int NO = D / 8;   // n-blocks of O
+  static_assert(D % 64 == 0, "tile shape");
   ADAM_DYNAMIC_SMEM(smem_raw);
   float* qs = reinterpret_cast<float*>(smem_raw);  // BM x P   anchors, TF32-rounded
   float* bs = qs + BM * P;                         // BN x P   bank tile, TF32-rounded
@@ -447,14 +464,9 @@ __global__ void __launch_bounds__(tc::NT)
   const int64_t j_begin = split * rows_per_split;
   const int64_t j_end = j_begin + rows_per_split < K ? j_begin + rows_per_split : K;
   const float ninf = -INFINITY;
-  const float4 zero4 = make_float4(0.f, 0.f, 0.f, 0.f);
   const int ra = warp * 16 + g;  // this thread's two anchors (rows of the block): ra and ra + 8
 
-  for (int e = tid; e < BM * D4; e += NT) {
-    const int r = e / D4, c4 = e % D4;
-    const float4 v = (i0 + r < B) ? load4(q + (i0 + r) * D + 4 * c4) : zero4;
-    *reinterpret_cast<float4*>(qs + r * P + 4 * c4) = make_float4(to_tf32(v.x), to_tf32(v.y), to_tf32(v.z), to_tf32(v.w));
-  }
+  load_rows<D, BM, NT, true>(qs, q, i0, B, tid);
   float m_run[2] = {ninf, ninf}, l_run[2] = {0.f, 0.f};
   int cnt[2] = {0, 0};
   float o[NO][4];
@@ -463,12 +475,7 @@ __global__ void __launch_bounds__(tc::NT)
 
   for (int64_t jt = j_begin; jt < j_end; jt += BN) {
     __syncthreads();  // all reads of the previous bs are done (and qs is complete)
-#pragma unroll 4
-    for (int u = 0; u < LD; ++u) {
-      const int e = tid + u * NT, r = e / D4, c4 = e % D4;
-      const float4 v = (jt + r < j_end) ? load4(bank + (jt + r) * D + 4 * c4) : zero4;
-      *reinterpret_cast<float4*>(bs + r * P + 4 * c4) = make_float4(to_tf32(v.x), to_tf32(v.y), to_tf32(v.z), to_tf32(v.w));
-    }
+    load_rows<D, BN, NT, true>(bs, bank, jt, j_end, tid);
     __syncthreads();
 
     float s[NB][4];  // S_w: s[n][0..3] at (ra, 8n+2c), (ra, 8n+2c+1), (ra+8, 8n+2c), (ra+8, 8n+2c+1)
@@ -584,17 +591,32 @@ __global__ void __launch_bounds__(CT)
 }
 
 // ---------------------------------------------------------------------------------------------
+// Host side (shared by the launcher and the emulator): the tiled/tc kernel instance for D, with
+// its block size and dynamic shared memory, handed to launch(kernel, threads, smem_bytes). D must be
+// one the kernel supports (tiled::supports, tc::supports): callers check first.
+enum class Kernel { SIMPLE, TILED, TC };
+template <typename raw_t, typename F>
+void with_fast_kernel(Kernel kind, int64_t D, F&& launch) {
+  if (kind == Kernel::TC) {
+    if (D == 64) launch(info_nce_partial_tc_kernel<raw_t, 64>, tc::NT, tc::smem_bytes(D));
+    else launch(info_nce_partial_tc_kernel<raw_t, 128>, tc::NT, tc::smem_bytes(D));
+  } else {
+    if (D == 64) launch(info_nce_partial_tiled_kernel<raw_t, 64, 2>, tiled::NT, tiled::smem_bytes(D));
+    else if (D == 128) launch(info_nce_partial_tiled_kernel<raw_t, 128, 2>, tiled::NT, tiled::smem_bytes(D));
+    else launch(info_nce_partial_tiled_kernel<raw_t, 256, 1>, tiled::NT, tiled::smem_bytes(D));
+  }
+}
+
 // Host side (shared by the launcher and the emulator): how the work is cut. Row tiles of BM
 // anchors; the bank in `nsplit` ranges of whole BN-row tiles, none empty, so that there are about
 // two waves of what the SMs hold at once (tiled, tc) or 4 blocks per SM (simple).
-enum class Kernel { SIMPLE, TILED, TC };
 struct Plan {
   int64_t row_tiles, nsplit, rows_per_split;
 };
 inline Plan plan(Kernel kind, int64_t B, int64_t D, int64_t K, int64_t sms) {
   const int64_t BM = kind == Kernel::SIMPLE ? simple::BM : kind == Kernel::TILED ? tiled::BM : tc::BM;
   const int64_t BN = kind == Kernel::SIMPLE ? simple::BN : kind == Kernel::TILED ? tiled::BN : tc::BN;
-  // Resident blocks per SM, twice. tc: 3 at D = 64 (ptxas: 140 registers x 128 threads), 2 at
+  // Resident blocks per SM, twice. tc: 3 at D = 64 (ptxas: 165 registers x 128 threads), 2 at
   // D = 128 (85 KiB of shared memory each).
   const int64_t per_sm = kind == Kernel::SIMPLE ? 4
                          : kind == Kernel::TILED ? 2 * tiled::min_blocks(D)

@@ -22,7 +22,6 @@ atol 1e-6 + rtol 1e-4 on the gradient, which is rebuilt from the kernel's per-an
 dL/dq_i = ((exp(-loss_i) - 1) k_i + pb_i) / (T B), the formula adam_ext/ops.py uses. float64 (the
 simple kernel): 1e-10. Pruning counts exactly (no cosine is within rounding of t).
 """
-import math
 import os
 import shutil
 import subprocess
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import adam
+from conftest import tc_lse_reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(HERE, "cuda_emu", "info_nce_emu.cpp")
@@ -47,11 +47,6 @@ TOL = {"f32": dict(rtol=1e-5, atol=1e-6), "bf16": dict(rtol=1e-5, atol=1e-6), "f
 # positive logit from the unrounded q and k as the merge kernel computes it: rtol 1e-5.
 TC_LOSS_ATOL, TC_GRAD_RTOL = 2.0**-10 / T, 2e-3
 
-
-def tf32_round(x):
-    """float32 -> TF32 as cvt.rna.tf32.f32 does (nearest, ties away from zero), as float64."""
-    b = x.float().contiguous().view(torch.int32)
-    return ((b + 0x1000) & ~0x1FFF).view(torch.float32).double()
 GTOL = {"f32": dict(rtol=1e-4, atol=1e-6), "bf16": dict(rtol=1e-4, atol=1e-6), "f64": dict(rtol=1e-10, atol=1e-12)}
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f64": torch.float64}
 
@@ -113,11 +108,7 @@ def check_against_reference(out, q, k, bank, t, dtype, need_pb=True, tf32=False)
     assert torch.isfinite(out["loss"]).all() and torch.isfinite(out["lse"]).all(), out["plan"]
     if tf32:
         assert abs(out["loss"].mean() - loss_ref.detach()) <= TC_LOSS_ATOL, out["plan"]
-        s_r = tf32_round(q) @ tf32_round(bank).T
-        x0 = (q * k).sum(1) / T
-        logits = torch.where(s_r < t, s_r / T, torch.tensor(-math.inf, dtype=torch.float64))
-        lse_ref = torch.logsumexp(torch.cat([x0[:, None], logits], 1), 1)
-        torch.testing.assert_close(out["lse"], lse_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out["lse"], tc_lse_reference(q, k, bank, T, t), rtol=1e-5, atol=1e-5)
     else:
         torch.testing.assert_close(out["loss"].mean(), loss_ref.detach(), **TOL[dtype])
     torch.testing.assert_close(out["n_pruned"], ((q @ bank.T) >= t).sum(1), rtol=0, atol=0)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import adam
 import adam_ext
+from conftest import tc_lse_reference
 
 pytestmark = pytest.mark.skipif(not adam_ext.is_built(), reason="adam_ext not built: "
                                 "pip install --no-build-isolation -e .")
@@ -273,10 +274,5 @@ def test_tf32_mode_runs_the_tc_kernel(monkeypatch, B, D, K, case, kernel):
     assert float((dq.double().cpu() - dref).norm()) <= 2e-3 * float(dref.norm()) + 1e-9
     assert float(pruned) == pytest.approx(float(pruned_ref), abs=1e-7)
 
-    def tf32_round(x):  # cvt.rna.tf32.f32: nearest, ties away from zero
-        return ((x.float().contiguous().view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32).double()
-    s_r = tf32_round(q.cpu()) @ tf32_round(bank.cpu()).T
-    keep = s_r < (math.inf if t is None else t)
-    logits = torch.where(keep, s_r / 0.2, torch.tensor(-math.inf, dtype=torch.float64))
-    lse_ref = torch.logsumexp(torch.cat([(q64.detach() * k64).sum(1, keepdim=True) / 0.2, logits], 1), 1)
-    torch.testing.assert_close(lse.double().cpu(), lse_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double().cpu(), tc_lse_reference(q.cpu(), k.cpu(), bank.cpu(), 0.2, t),
+                               rtol=1e-5, atol=1e-5)

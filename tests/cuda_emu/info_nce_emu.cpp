@@ -56,25 +56,18 @@ static int run(Kernel kind, int64_t B, int64_t D, int64_t K, double T, double t,
       const auto* qr = reinterpret_cast<const raw_t*>(q.data());
       const auto* br = reinterpret_cast<const raw_t*>(bank.data());
       const dim3 grid(unsigned(pl.row_tiles), unsigned(ns));
-      auto go = [&](auto kern, int nthreads, int64_t smem) {
+      if (!(kind == Kernel::TILED ? tiled::supports(D) : tc::supports(D))) return 4;
+      with_fast_kernel<raw_t>(kind, D, [&](auto kern, int nthreads, int64_t smem) {
         emu::launch(grid, nthreads, smem, [&] {
           kern(qr, br, B, K, pl.rows_per_split, float(T), float(t), need_pb, part_m.data(),
                part_l.data(), part_cnt.data(), need_pb ? part_acc.data() : nullptr);
         });
-      };
-      const int64_t smem = kind == Kernel::TILED ? tiled::smem_bytes(D) : tc::smem_bytes(D);
-      if (kind == Kernel::TILED && D == 64) go(info_nce_partial_tiled_kernel<raw_t, 64, 2>, tiled::NT, smem);
-      else if (kind == Kernel::TILED && D == 128) go(info_nce_partial_tiled_kernel<raw_t, 128, 2>, tiled::NT, smem);
-      else if (kind == Kernel::TILED && D == 256) go(info_nce_partial_tiled_kernel<raw_t, 256, 1>, tiled::NT, smem);
-      else if (kind == Kernel::TC && D == 64) go(info_nce_partial_tc_kernel<raw_t, 64>, tc::NT, smem);
-      else if (kind == Kernel::TC && D == 128) go(info_nce_partial_tc_kernel<raw_t, 128>, tc::NT, smem);
-      else return 4;
+      });
     } else {
       return 4;
     }
   } else {
-    const size_t smem = sizeof(acc_t) * ((simple::BM + simple::BN) * (D + 1) + simple::BM * simple::BN +
-                                         (need_pb ? simple::BM * D : 0));
+    const size_t smem = simple::smem_bytes(D, need_pb, sizeof(acc_t));
     emu::launch(dim3(unsigned(ns), unsigned(pl.row_tiles)), simple::NT, smem, [&] {
       info_nce_partial_kernel<scalar_t, acc_t>(q.data(), bank.data(), B, D, K, pl.rows_per_split, acc_t(T),
                                                acc_t(t), need_pb, part_m.data(), part_l.data(),

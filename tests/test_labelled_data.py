@@ -280,3 +280,53 @@ def test_dicom_sigmoid_rescale_monochrome1(tmp_path):
     p1, p99 = np.percentile(m, [1, 99])
     want = 255 - np.rint(np.clip((m - p1) / (p99 - p1), 0, 1) * 255)
     np.testing.assert_array_equal(np.asarray(dp.dicom_to_grey(f, window="percentile")[0]), want)
+
+
+# ----------------------------------------------------------------------------------------------------
+# finetune.py on any labelled cache, and segmentation from any cache with masks
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_finetune_multilabel_on_csv_cache(chexpert, tmp_path, one_thread):
+    import finetune
+    out = tmp_path / "ft"
+    summary = finetune.main(["--task", "multilabel", "--data-root", str(chexpert["out"]), "--init", "random",
+                             "--arch", "resnet18", "--img-size", "32", "--epochs", "2", "--batch-size", "8",
+                             "--min-iters", "1", "--device", "cpu", "--workers", "0", "--save", "none",
+                             "--out", str(out)])
+    (r,) = summary["records"]
+    c = dp.open_cache(chexpert["out"])
+    assert r["task"] == "multilabel" and r["metric"] == "auc" and list(r["per_class"]) == LABELS
+    assert r["n_train"] == len(c.rows("train")) and r["n_test"] == len(c.rows("test"))
+    defined = [a for a in r["per_class"].values() if not np.isnan(a)]
+    assert defined and r["value"] == pytest.approx(100 * np.mean(defined))
+    assert "## multilabel: auc" in (out / "results.md").read_text()
+
+
+def test_finetune_segmentation_from_any_mask_cache(phantom_root, tmp_path, one_thread):
+    import finetune
+    c = dp.open_cache(phantom_root)
+    rows = c.rows("train")[:2]
+    # scr-lungs (JSRT/SCR's lung masks) and the generic seg: form read the same structures of any mask cache
+    for task in ("scr-lungs", "seg:left_lung,right_lung"):
+        finetune.resolve_task(task)                        # what finetune.main does with --task
+        ds = finetune.CacheDataset(c, rows, task, 64, "val")
+        _, m = ds[0]
+        want = c.masks[rows[0], [c.meta["structures"].index("left_lung"), c.meta["structures"].index("right_lung")]]
+        np.testing.assert_array_equal(m[0].numpy(), want.max(0))          # the union of both lungs
+    summary = finetune.main(["--task", "seg:heart", "--data-root", str(phantom_root), "--init", "random",
+                             "--arch", "resnet18", "--img-size", "32", "--shots", "3", "--epochs", "1",
+                             "--batch-size", "3", "--min-iters", "1", "--device", "cpu", "--workers", "0",
+                             "--save", "none", "--out", str(tmp_path / "seg")])
+    (r,) = summary["records"]
+    assert r["metric"] == "dice" and 0 <= r["value"] <= 100 and r["task"] == "seg:heart"
+    with pytest.raises(ValueError, match=r"needs masks \('aorta',\)"):
+        finetune.open_task_cache("seg:aorta", phantom_root)
+    with pytest.raises(SystemExit):
+        finetune.get_args(["--task", "multilabel"])                # generic tasks need --data-root

@@ -124,6 +124,9 @@ def get_parser():
     g.add_argument("--print-freq", type=int, default=None, help="progress line every N steps")
     g.add_argument("--time-data", type=int, default=0,
                    help="only time the input pipeline for N batches (decomposer + both views) and exit")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard scalars (loss, lr, pruned fraction, val loss, images/s) to OUT/tb; "
+                        "needs the tensorboard package (pip install tensorboard)")
     return p
 
 
@@ -627,6 +630,59 @@ def export_backbone(student, path):
     save_atomic({k: v.contiguous() for k, v in student.backbone.state_dict().items()}, path)
 
 
+def write_args_json(out, args, loss_path):
+    """OUT/args.json, written when a run starts: every setting, the versions of python, torch, torchvision and the
+    op, the git commit of this file's checkout (null outside one) and the command. A resumed run keeps the earlier
+    starts under "previous_starts"."""
+    import platform
+    import subprocess
+    here = Path(__file__).resolve().parent
+
+    def git(*cmd):
+        try:
+            r = subprocess.run(["git", "-C", str(here), *cmd], capture_output=True, text=True, timeout=10)
+            return r.stdout.strip() if r.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            return None
+    commit = git("rev-parse", "HEAD")
+    try:
+        import adam_ext
+        op = adam_ext.build_info()
+    except ImportError as e:
+        op = f"not importable ({e})"
+    path = Path(out) / "args.json"
+    previous = []
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+            previous = old.pop("previous_starts", []) + [old]
+        except ValueError:
+            pass                                                  # unreadable: replaced
+    info = {"args": {k: v for k, v in vars(args).items()}, "loss": loss_path,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "torchvision": torchvision.__version__, "numpy": np.__version__, "adam_ext": op,
+                         "cuda": torch.version.cuda},
+            "commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None,
+            "command": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "previous_starts": previous}
+    tmp = path.with_name(f".args.json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(info, indent=1, default=str))
+    os.replace(tmp, path)                                         # a reader sees the old file or the new one
+    return path
+
+
+def tensorboard_writer(args, out):
+    """--tensorboard: a SummaryWriter on OUT/tb, or None without the flag. TensorBoard is never required; asking
+    for it without the package is one clear error at start, not a run without curves."""
+    if not args.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ValueError(f"--tensorboard needs the tensorboard package ({e}): pip install tensorboard, "
+                         f"or run without --tensorboard (log.jsonl has the same numbers)") from None
+    return SummaryWriter(log_dir=str(Path(out) / "tb"))
+
+
 def log_jsonl(path, record):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -703,6 +759,7 @@ def main(argv=None):
     model = nn.parallel.DistributedDataParallel(student, device_ids=[device] if cuda else None) \
         if world > 1 else student
     fused = choose_loss(args.loss, device, say)
+    tb = tensorboard_writer(args, out) if rank == 0 else None
     if args.tf32 and cuda:  # the op's launcher reads the same flag (csrc/info_nce_cuda.cu)
         torch.backends.cuda.matmul.allow_tf32 = True
         say("tf32: float32 matmuls may use TF32 (the loss's bank products on tensor cores)")
@@ -723,6 +780,7 @@ def main(argv=None):
         say(f"resuming {args.resume}: stage {start_stage + 1}, epoch {start_epoch + 1}, step {step}")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        write_args_json(out, args, "fused adam_ext op" if fused else "pure-PyTorch reference")
     n_train = len(train_images)
     steps_per_epoch = n_train // args.batch_size
     if args.steps_per_epoch:
@@ -771,6 +829,9 @@ def main(argv=None):
                 loss_v, pruned_v = loss.item(), pruned.item()
                 loss_sum, pruned_sum = loss_sum + loss_v, pruned_sum + pruned_v
                 stage_log["losses"].append(loss_v)
+                if tb:
+                    tb.add_scalar("train/loss", loss_v, step)
+                    tb.add_scalar("train/pruned", pruned_v, step)
                 if (i + 1) % args.print_freq == 0 or i + 1 == steps_per_epoch:
                     rate = (i + 1) * args.batch_size / (time.time() - t_epoch)
                     eta = (time.time() - t_run) / steps_run * (total_steps - step)
@@ -786,6 +847,11 @@ def main(argv=None):
             stage_log["epochs"].append(record)
             if rank == 0:
                 log_jsonl(out / "log.jsonl", record)
+                if tb:
+                    for key in ("loss", "lr", "pruned", "images_per_s", "val_loss"):
+                        if record[key] is not None:
+                            tb.add_scalar(f"epoch/{key}", record[key], step)
+                    tb.flush()
                 if epoch + 1 == args.epochs:                        # end of stage: export the backbone
                     path = out / f"adam_{args.arch}_level{level}.pth"
                     export_backbone(student, path)
@@ -797,6 +863,8 @@ def main(argv=None):
                                 rng={"torch": torch.get_rng_state()})
         say(f"== stage level {level} done: loss {stage_log['epochs'][0]['loss'] if stage_log['epochs'] else float('nan'):.4f}"
             f" -> {stage_log['epochs'][-1]['loss'] if stage_log['epochs'] else float('nan'):.4f}")
+    if tb:
+        tb.close()
     say(f"done in {(time.time() - t_run) / 60:.1f} min; backbones: {', '.join(summary['backbones']) or '-'}")
     return summary
 

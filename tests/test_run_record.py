@@ -93,3 +93,14 @@ def test_tensorboard_event_files_when_installed(phantom_root, tmp_path):
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     got = [(e.step, e.value) for e in acc.Scalars("epoch/loss")]
     assert got == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in log]
+
+
+def test_without_the_op_auto_uses_the_reference_and_says_so(monkeypatch):
+    """The op is optional: a missing or unloadable adam_ext costs speed, not a run (README 'Install with your own
+    torch'); only --loss fused insists on it."""
+    monkeypatch.setitem(sys.modules, "adam_ext", None)           # import adam_ext fails as if never built
+    said = []
+    assert adam.choose_loss("auto", torch.device("cpu"), said.append) is False
+    assert len(said) == 1 and said[0].startswith("loss: pure-PyTorch reference (auto, adam_ext: adam_ext not importable")
+    with pytest.raises(RuntimeError, match="--loss fused: the op is not built"):
+        adam.choose_loss("fused", torch.device("cpu"), said.append)

@@ -5,7 +5,9 @@ From datasets as people download them to a fast, verified training cache, and a 
     python data_prep.py chestxray14  --src DIR [--out data/chestxray14] [--size 512]
     python data_prep.py eyepacs      --src DIR [--out data/eyepacs]
     python data_prep.py jsrt         --src DIR [--masks SCR_DIR] [--out data/jsrt]
-    python data_prep.py folder       --src DIR [--out data/folder]
+    python data_prep.py folder       --src DIR [--out data/folder] [--patient-from auto|stem|dicom|up:N|REGEX]
+    python data_prep.py csv          --src DIR --csv [SPLIT=]FILE --image-col COL (--label-cols A,B | --label-col COL)
+                                     [--patient-col COL | --patient-from ...] [--split-col COL] [--uncertain ...]
 
     python data_prep.py speed        --cache DIR      (images/s: cache rows vs PNG decoding)
 
@@ -23,7 +25,7 @@ meta.json being the last file written inside it, so a killed run never leaves a 
 A bad source file is an error naming it (and nothing is written) unless --skip-bad is given, in
 which case it is skipped and listed in report.json.
 
-Import cost: numpy + pillow only; pydicom is imported when a DICOM file is met.
+Import cost: numpy + pillow only; pydicom is imported when a DICOM file is met, tqdm when a conversion starts.
 """
 import argparse
 import csv

@@ -546,20 +546,16 @@ def info_nce(q, k, queue, temperature, threshold, fused=False, return_pruned=Fal
 
 
 def choose_loss(flag, device, say):
-    """--loss auto|fused|torch -> use the fused op?  Says once which path runs and why."""
+    """--loss auto|fused|torch -> use the fused op? adam_ext decides: it knows what it was built for, and it
+    checks its kernels against info_nce above on this device first (adam_ext/selfcheck.py)."""
     try:
         import adam_ext
-        built, info = adam_ext.is_built(), adam_ext.build_info()
-    except (ImportError, AttributeError) as e:  # not built, or a half-built checkout
-        built, info = False, f"adam_ext not importable ({e})"
-    on_device = built and (device.type != "cuda" or "CUDA" in info)
-    if flag == "fused" and not on_device:
-        raise RuntimeError(f"--loss fused: the op is not built for {device.type} ({info}); build it with "
-                           "`pip install --no-build-isolation -e .` or use --loss torch")
-    fused = flag == "fused" or (flag == "auto" and on_device)
-    why = {"fused": "asked for", "torch": "asked for"}.get(flag, f"auto, adam_ext: {info}")
-    say(f"loss: {'fused adam_ext op' if fused else 'pure-PyTorch reference'} ({why})")
-    return fused
+    except ImportError as e:  # an install without the op's package: the reference is the whole method
+        if flag == "fused":
+            raise ValueError(f"--loss fused: adam_ext is not importable ({e}); use --loss torch") from None
+        say(f"loss: pure-PyTorch reference ({flag}; adam_ext not importable: {e})")
+        return False
+    return adam_ext.choose_path(flag, device, reference=info_nce, say=say)
 
 
 # -----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-// Shared declarations of the fused pruned-InfoNCE op (see info_nce.cpp for the math, METHOD.md §4).
+// Shared declarations of the fused pruned-InfoNCE op (see info_nce.cpp for the math, docs/METHOD.md §4).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>

@@ -9,6 +9,7 @@
 //   tiled  (fp32 FMA) for the other float32/bf16 inputs with D in {64, 128, 256};
 //   simple for the rest (float64, float16, other D, misaligned pointers).
 // Forcing tc runs it for float32 even where torch's setting says "highest".
+// ADAM_INFO_NCE_CUDA_SMS (below) changes only how the bank is split, never the result's math.
 // Only light headers: c10/cuda for the stream and the device guard (ATen/cuda/CUDAContext.h
 // pulls cuBLAS headers that a bare toolkit may lack); ATen/Context.h for the TF32 setting.
 #include "info_nce.h"
@@ -43,6 +44,19 @@ std::string kernel_choice() {
   TORCH_CHECK(s == "auto" || s == "tc" || s == "tiled" || s == "simple",
               "adam::info_nce: ADAM_INFO_NCE_CUDA_KERNEL must be auto, tc, tiled or simple, got '", s, "'");
   return s;
+}
+
+// ADAM_INFO_NCE_CUDA_SMS = N plans the bank split as if the GPU had N multiprocessors (unset or 0:
+// the real count). With a small N every block walks many bank tiles even on a small bank, which is
+// how the tests and the compute-sanitizer run reach the cross-tile rescale and the barriers that
+// guard a bank tile without a large input.
+int64_t planned_sms(int64_t real) {
+  const char* v = std::getenv("ADAM_INFO_NCE_CUDA_SMS");
+  if (!v || !*v) return real;
+  char* end = nullptr;
+  const long long n = std::strtoll(v, &end, 10);
+  TORCH_CHECK(end && *end == '\0' && n >= 0, "adam::info_nce: ADAM_INFO_NCE_CUDA_SMS must be a count >= 0, got '", v, "'");
+  return n == 0 ? real : n;
 }
 
 }  // namespace
@@ -85,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_fwd_cuda(
   if (choice == "tc" || (choice == "auto" && tc_ok && tf32_allowed)) kind = Kernel::TC;
   else if (choice == "tiled" || (choice == "auto" && tiled_ok)) kind = Kernel::TILED;
 
-  const Plan pl = plan(kind, B, D, K, sms);
+  const Plan pl = plan(kind, B, D, K, planned_sms(sms));
   TORCH_CHECK(kind != Kernel::SIMPLE || pl.row_tiles <= 65535, "adam::info_nce: B = ", B,
               " anchors is more than the simple kernel's grid allows");
   const int64_t nsplit = pl.nsplit;

@@ -1,5 +1,5 @@
 """The CUDA kernels of the fused op, run on the CPU through a small CUDA emulator, against the
-readable reference adam.info_nce (METHOD.md §4).
+readable reference adam.info_nce (docs/METHOD.md §4).
 
 Why: CI and most development machines have nvcc but no GPU, so tests/test_fused_op.py's CUDA
 variants skip there and a wrong index in csrc/info_nce_kernels.cuh would pass unnoticed until a
@@ -42,8 +42,8 @@ TOL = {"f32": dict(rtol=1e-5, atol=1e-6), "bf16": dict(rtol=1e-5, atol=1e-6), "f
 # and accumulates in fp32. Two checks: (1) against adam.info_nce on the unrounded inputs with a
 # bound that holds for any unit vectors - each score moves by at most 2^-10 (two roundings,
 # Cauchy-Schwarz), each logit by 2^-10/T, and a log-sum-exp by no more than its largest input -
-# plus the gradient within 2e-3 in norm (P's rounding; METHOD.md's GPU notes put TF32 near
-# 3e-4); (2) tight: its per-anchor lse against float64 on the same TF32-rounded q and bank, the
+# plus the gradient within 2e-3 in norm (P's rounding; a TF32 matrix product typically lands
+# near 3e-4 relative error, so 2e-3 leaves a margin of ~7x); (2) tight: its per-anchor lse against float64 on the same TF32-rounded q and bank, the
 # positive logit from the unrounded q and k as the merge kernel computes it: rtol 1e-5.
 TC_LOSS_ATOL, TC_GRAD_RTOL = 2.0**-10 / T, 2e-3
 

@@ -571,6 +571,7 @@ def setup_devices(args):
         want = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     device = torch.device(want)
     if device.type == "cuda":
+        device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

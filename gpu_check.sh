@@ -126,9 +126,17 @@ for stage in "${STAGES[@]}"; do
       # Only the op's kernels are instrumented (the filter), so torch's own launches run at full speed.
       FILTER="--kernel-name kns=info_nce"
       "$CS" --help 2>/dev/null | grep -q -- "--kernel-name" || FILTER="--filter kns=info_nce"
-      for tool in memcheck racecheck initcheck; do
-        step "$tool" 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$CS" --tool $tool $FILTER --error-exitcode 1 \
-          $PY -m adam_ext --device cuda --scale small --no-profile
+      # memcheck: every variant (small shapes). racecheck tracks every shared-memory access and initcheck all
+      # device memory: one multi-tile case per kernel. initcheck without the host-API check, which would flag
+      # copies of tensors that uninstrumented (filtered-out) torch kernels wrote.
+      for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
+        case $tool in
+        memcheck) scale=small; extra="" ;;
+        initcheck) scale=sanitize; extra="--check-api-memory-access no" ;;
+        *) scale=sanitize; extra="" ;;
+        esac
+        step "$tool" 120 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$CS" --tool $tool $FILTER $extra --error-exitcode 1 \
+          $PY -m adam_ext --device cuda --scale $scale --no-profile
       done
     fi
     ;;

@@ -27,6 +27,9 @@ def info_nce(q, k, queue, temperature, threshold, return_pruned=False):
     if not _registered:
         raise RuntimeError("adam_ext: the compiled op is not built; run "
                            "`pip install --no-build-isolation -e .` in the repo root (or set ADAM_EXT_JIT=1)")
+    if not (q.device == k.device == queue.device):  # before dispatch: it picks one device's kernel for all
+        raise RuntimeError(f"adam::info_nce: q, k and queue must be on one device; q is on {q.device}, "
+                           f"k on {k.device}, queue is on {queue.device}")
     t = math.inf if threshold is None else float(threshold)
     # The queue is never copied (a (K, D) copy is what the op exists to avoid); q and k are small.
     q, k = q.contiguous(), k.contiguous()

@@ -73,7 +73,8 @@ class Case:
 def cases(device, scale="quick"):
     """The inputs that reach every kernel the launcher can pick on `device`.
     quick: one small case per kernel and D (the start-of-training check).
-    small: every variant at shapes small enough for compute-sanitizer, many tiles per block via sms.
+    sanitize: one multi-tile case per kernel and D, small enough for racecheck.
+    small: every variant at small shapes (memcheck), many tiles per block via sms.
     full: every variant, plus the real-size multi-tile shapes of the benchmark."""
     if device.type == "cpu":
         out = [Case("cpu", "f32", 37, 128, 5003), Case("cpu", "f64", 5, 64, 300),
@@ -93,6 +94,10 @@ def cases(device, scale="quick"):
     out += [Case("tiled", "f32", 33, 128, 2000, grad=False, force="tiled")]
     if scale == "quick":
         return out
+    if scale == "sanitize":  # one multi-tile case per kernel (racecheck tracks every shared-memory access)
+        return [Case(kern, "f32", 70, D, 1500, force=kern, sms=2) for kern in ["simple", "tiled"] + tc for D in (64, 128)] + \
+               [Case("tiled", "f32", 70, 256, 1500, force="tiled", sms=2), Case("simple", "f64", 9, 64, 700, sms=2),
+                Case("simple", "f32", 33, 128, 700, misaligned=True), Case("tiled", "f32", 33, 64, 700, force="tiled", grad=False)]
     sms = 2 if scale == "small" else 0  # small: few blocks, so each walks many bank tiles
     big = [(70, 64, 6000), (130, 128, 9000)] if scale == "small" else [(70, 64, 40000), (256, 128, 65536)]
     out += [Case("simple", dt, 21, 128, 3001, force="simple") for dt in ("bf16", "f16")]
@@ -321,8 +326,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Check the fused op against adam.info_nce on one device "
                                 "(the smoke test of a GPU machine: --device cuda --scale full).")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--scale", default="full", choices=["quick", "small", "full"],
-                   help="quick: the start-of-training check; small: every variant at compute-sanitizer sizes; "
+    p.add_argument("--scale", default="full", choices=["quick", "sanitize", "small", "full"],
+                   help="quick: the start-of-training check; sanitize: one multi-tile case per kernel (for "
+                        "compute-sanitizer racecheck/initcheck); small: every variant, small multi-tile shapes; "
                         "full: every variant plus the benchmark's multi-tile shapes")
     p.add_argument("--seed", type=int, default=None, help="input seed (default: fresh, printed)")
     p.add_argument("--no-profile", action="store_true", help="do not record which CUDA kernel ran (torch.profiler)")

@@ -21,7 +21,9 @@ Tolerances (the fused op against the float64 reference on the op's own input val
   TC (TF32 tensor cores): q, bank rows and P rounded to 11 significant bits. Each score moves by
       at most 2^-10 for unit vectors (two roundings, Cauchy-Schwarz), so each logit by 2^-10/T and
       the loss, a log-sum-exp minus the positive logit, by no more than that: |dloss| <= 2^-10/T.
-      Gradient within 2e-3 in norm (a TF32 product lands near 3e-4 relative; 2e-3 leaves ~7x).
+      Gradient within 2e-3 in norm (a TF32 product lands near 3e-4 relative; 2e-3 leaves ~7x), plus
+      2^-8 for bf16/fp16 inputs, whose gradient comes back rounded to the input dtype (bf16's own
+      rounding alone is up to 2^-9 = 2.0e-3 relative: measured 1.7e-3 on an H200).
   Pruning counts: exact (planted duplicates sit at cosine ~0.97, far above t = 0.8; random rows
       at ~N(0, 1/D), far below), so a kernel that prunes the wrong entries fails at once.
 """
@@ -214,7 +216,8 @@ def run_case(case, device, op, reference, generator, profile=False):
             dq = dq.double().cpu()
             if tc:
                 gerr = float((dq - dref).norm() / max(float(dref.norm()), 1e-12))  # all pruned: both 0
-                gtol, gok = TC_GRAD_RTOL, gerr <= TC_GRAD_RTOL
+                gtol = TC_GRAD_RTOL + (2.0**-8 if case.dtype in ("bf16", "f16") else 0.0)
+                gok = gerr <= gtol
             else:
                 rtol = {"f64": 1e-10, "bf16": 1e-2, "f16": 1e-2}.get(case.dtype, 1e-4)
                 atol = 1e-12 if case.dtype == "f64" else 1e-6

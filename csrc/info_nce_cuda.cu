@@ -91,9 +91,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_fwd_cuda(
   const bool tc_ok = fast_dtype && tc::supports(D) && tc::smem_bytes(D) <= smem_optin && major >= 8;
   const std::string choice = kernel_choice();
   TORCH_CHECK(choice != "tiled" || tiled_ok, "adam::info_nce: ADAM_INFO_NCE_CUDA_KERNEL=tiled needs float32 or "
-              "bfloat16 inputs with D in {64, 128, 256} and 16-byte aligned q and queue; got ", dt, ", D = ", D);
+              "bfloat16 inputs with D in {64, 128, 256} and 16-byte aligned q and queue; got ", dtype_str(dt), ", D = ", D);
   TORCH_CHECK(choice != "tc" || tc_ok, "adam::info_nce: ADAM_INFO_NCE_CUDA_KERNEL=tc needs float32 or bfloat16 "
-              "inputs with D in {64, 128}, 16-byte aligned q and queue, and an sm_80+ GPU; got ", dt, ", D = ", D);
+              "inputs with D in {64, 128}, 16-byte aligned q and queue, and an sm_80+ GPU; got ", dtype_str(dt), ", D = ", D);
   const bool tf32_allowed = dt == at::kBFloat16 || at::globalContext().allowTF32CuBLAS();
   Kernel kind = Kernel::SIMPLE;
   if (choice == "tc" || (choice == "auto" && tc_ok && tf32_allowed)) kind = Kernel::TC;

@@ -125,7 +125,8 @@ def check_against_reference(out, q, k, bank, t, dtype, need_pb=True, tf32=False)
 # split with many tiles per block, larger sms many splits (some of a single, partial tile).
 # The tc kernel takes D in {64, 128} (D = 256 runs the tiled one).
 FAST_SHAPES = [(1, 64, 777, 4), (70, 128, 1000, 3), (130, 256, 300, 8), (64, 128, 2100, 1), (17, 64, 2000, 64),
-               (256, 128, 5000, 132)]  # the last: the H100 plan (132 SMs) at the benchmark's B and D
+               (256, 128, 5000, 132),   # the H100/H200 plan (132 SMs) at the benchmark's B and D
+               (70, 64, 40000, 132)]    # 132 SMs and a bank large enough that each block walks 2-3 tiles
 FAST_CASES = [(kernel, *shape) for kernel in ("tiled", "tc") for shape in FAST_SHAPES if kernel == "tiled" or shape[1] <= 128]
 
 

@@ -153,6 +153,86 @@ def open_cache(root):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Opening a dataset by name or folder: the one way adam.py, finetune.py and eve.py find their images
+
+DATASETS = ("phantom", "chestxray14", "eyepacs", "jsrt")  # names that mean a cache at data/<name>
+
+
+class DataError(Exception):
+    """Bad input data: the message names the file and, where there is one, the fix."""
+
+
+def dataset_root(data, root=None):
+    """--data NAME [--data-root DIR] -> DIR or data/NAME; any other --data is itself the folder."""
+    return Path(root or f"data/{data}") if data in DATASETS else Path(data)
+
+
+def open_dataset(data, root=None, phantom_images=None):
+    """The cache of a named dataset or of a cache folder. The phantom is generated when missing, with
+    phantom_images images (default 1000); given, an existing phantom of another size gets a warning.
+    FileNotFoundError naming the folder and the command that prepares it."""
+    path = dataset_root(data, root)
+    ready = (path / "meta.json").exists()
+    if data == "phantom" and not ready:
+        print(f"no phantom set at {path}: generating it", file=sys.stderr, flush=True)
+    if data == "phantom" and (phantom_images or not ready):
+        ensure_phantom(path, num_images=phantom_images or 1000, seed=0)
+    elif data in DATASETS and not ready:
+        raise FileNotFoundError(f"--data {data}: no prepared dataset at {path}; prepare it with "
+                                f"`python data_prep.py {data} --src <downloaded folder> --out {path}`")
+    return open_cache(path)
+
+
+class CacheImages:
+    """The images of one split of a cache (uint8 memory map): no decoding per sample."""
+
+    def __init__(self, cache, split):
+        self.images, self.rows, self.name = cache.images, cache.rows(split), str(cache.root)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        x = np.array(self.images[self.rows[i]])  # copy out of the memory map
+        return x[None] if x.ndim == 2 else x.transpose(2, 0, 1)  # C x H x W uint8
+
+
+class FolderImages:
+    """Any folder of PNG/JPEG images, decoded on the fly (slow for big images: prefer a cache)."""
+
+    def __init__(self, root):
+        exts = {".png", ".jpg", ".jpeg"}
+        self.files = sorted(f for f in Path(root).rglob("*") if f.suffix.lower() in exts)
+        if not self.files:
+            raise DataError(f"--data {root}: no PNG/JPEG images in this folder")
+        self.name = str(root)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        try:
+            with Image.open(self.files[i]) as im:
+                return np.array(im.convert("L"))[None]  # 1 x H x W uint8
+        except Exception as e:  # PIL raises many types; the user needs the file name
+            raise DataError(f"cannot read image {self.files[i]}: {e}") from e
+
+
+def open_images(data, root=None, split="train", phantom_images=None):
+    """--data [--data-root] -> the images of `split` as an indexable set of C x H x W uint8 arrays with a
+    .name, or None when the split is empty (a plain folder of images is all "train")."""
+    path = dataset_root(data, root)
+    if data in DATASETS or (path / "meta.json").exists():
+        cache = open_dataset(data, root, phantom_images)
+        return CacheImages(cache, split) if cache.rows(split) else None
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"--data {data}: no such folder. Give a folder of PNG/JPEG images, or prepare a dataset "
+            f"with `python data_prep.py chestxray14 --src <download> --out data/chestxray14`")
+    return FolderImages(path) if split == "train" else None
+
+
+# ----------------------------------------------------------------------------------------------------
 # Writing a cache atomically
 
 def _pid_alive(pid):

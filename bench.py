@@ -76,8 +76,8 @@ g.add_argument("--_mem", default="", help=argparse.SUPPRESS)  # internal: path,B
 def loop_info_nce(q, k, queue, temperature, threshold):
     """The brute-force reference (tests/test_adam.py checks adam.info_nce against it): the loss of
     docs/METHOD.md §4 as written, one anchor at a time, each with its own kept set P_i = {j : s_ij < t},
-    then the mean. threshold None keeps every entry. Works in the inputs' precision, at least float32
-    (bf16 is upcast, float64 stays float64)."""
+    then the mean. threshold None keeps every entry. Scores in the inputs' precision, the log-softmax in
+    at least float32 (bf16 logits are upcast, float64 stays float64)."""
     losses = []
     for i in range(q.shape[0]):
         l_pos = (q[i] * k[i]).sum().view(1)                     # 1

@@ -163,8 +163,8 @@ class DataError(Exception):
 
 
 def dataset_root(data, root=None):
-    """--data NAME [--data-root DIR] -> DIR or data/NAME; any other --data is itself the folder."""
-    return Path(root or f"data/{data}") if data in DATASETS else Path(data)
+    """--data NAME [--data-root DIR] -> DIR, else data/NAME for a named dataset; any other --data is the folder."""
+    return Path(root) if root else Path(f"data/{data}") if data in DATASETS else Path(data)
 
 
 def open_dataset(data, root=None, phantom_images=None):

@@ -4,16 +4,16 @@ Adam: autodidactic dense anatomical models, the whole pretraining method in one 
     Hosseinzadeh Taher, Gotway, Liang. "Towards Foundation Models Learned from Anatomy in Medical
     Imaging via Self-Supervision". MICCAI 2023 DART (arXiv 2309.15358).
 
-Reading order (the order of the paper, Sect. 2 and Fig. 2; the spec is docs/METHOD.md):
-  1. configuration          argparse; defaults = the paper's and the authors' release (docs/METHOD.md §3-5)
+Sections, in the order of the paper (Sect. 2, Fig. 2; the method's spec is docs/METHOD.md):
+  1. configuration          argparse; defaults = the paper's and the authors' release
   2. Anatomy Decomposer     anatomy_parts(): level n -> 2^n boxes that tile the image
   3. views                  two augmented views of one random part per image; the part sampler
   4. encoder + EMA          student f_theta, h_theta; teacher f_xi, h_xi = EMA of the student
   5. memory bank            K x D ring buffer of the teacher's keys (the negatives)
   6. Purposive Pruner + InfoNCE   info_nce(): drop bank entries too similar to the anchor, then contrast
   7. teacher keys           shuffle BN across processes
-  8. coarse-to-fine stages  main(): one stage per level (0 -> 2 -> 4), the training step; validation
-  9. plumbing               devices, loss path, data sources, loaders, checkpoints, export
+  8. training               main(): one stage per level (0 -> 2 -> 4) and the training step; validate()
+  9. plumbing               devices, loss path, data, loaders, checkpoints, export
 
 `python adam.py` runs the CPU demo on procedurally generated chest phantoms (preset "demo");
 `python adam.py --data chestxray14` runs the paper's recipe (preset "paper"); `torchrun` runs it on
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 # OpenMP threads that spin while they wait take the cores from DataLoader workers and other processes
-# (BENCHMARKS.md, "CPU threads"); sleeping waits cost nothing measurable. Must be set before torch loads
+# (BENCHMARKS.md, "an OpenMP pitfall"); sleeping waits cost nothing measurable. Must be set before torch loads
 # libgomp; an explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -53,7 +53,7 @@ LANDMARKS = ["trachea_top", "carina", "left_apex", "right_apex", "left_costophre
              "right_costophrenic", "left_hemidiaphragm", "right_hemidiaphragm", "heart_apex", "aortic_knob"]
 CXR14_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis",
                 "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax"]
-CXR14_TRAIN, CXR14_VAL = 75312, 11212          # the authors' split of train_val_list.txt (METHOD.md §5)
+CXR14_TRAIN, CXR14_VAL = 75312, 11212          # the authors' split of train_val_list.txt (docs/METHOD.md §5)
 DEFAULT_SIZE = {"phantom": 256, "chestxray14": 512, "eyepacs": 512, "jsrt": 512, "folder": 512}
 # Test hook: SIGKILL ourselves after this many images have been written (simulates a killed run).
 KILL_AFTER_ENV = "ADAM_DATA_PREP_KILL_AFTER"
@@ -322,7 +322,7 @@ def _maybe_die(done):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Phantom chest radiographs (issue 2, item 11)
+# Phantom chest radiographs
 #
 # Geometry lives in canonical coordinates (u, v) in [-1, 1]^2: u to the image's right (= the patient's
 # left in a PA view), v downwards. Each image draws its own anatomy parameters, then one similarity
@@ -583,8 +583,8 @@ def ensure_phantom(root, num_images=1000, size=256, seed=0, workers=None):
 #   grey:  PIL Image.convert("L")  (ITU-R 601-2 luma, alpha ignored: a grey image stored as RGBA with
 #          R=G=B keeps its values); 16-bit PNGs ("I;16", "I") are min-max scaled to 0..255 first.
 #   RGB:   Image.convert("RGB").  JPEGs are decoded with Image.draft(mode, (size, size)), i.e. by libjpeg's
-#          DCT scaling at the smallest 1/2, 1/4, 1/8 scale still >= size (3888x2592 -> 512 px: 70 ms instead
-#          of ~360 ms per image, measured here on a synthetic JPEG).
+#          DCT scaling at the smallest 1/2, 1/4, 1/8 scale still >= size (a 3888x2592 photo decodes at 1/4
+#          of its side for 512 px: a fraction of the full decode's time).
 #   fit:   "pad" centres the image on a black square, "crop" takes the centred square, "stretch" neither.
 #   size:  Image.resize((size, size), Image.BILINEAR) (PIL filters with the full support when shrinking,
 #          so this is antialiased); masks use Image.NEAREST and are then thresholded at > 0.
@@ -906,7 +906,7 @@ def _read_list(path):
 
 
 def chestxray14_items(src, val_seed=0):
-    """ChestX-ray14 (METHOD.md §9): images/ or images_0NN/images/ folders and/or the .tar.gz archives,
+    """ChestX-ray14 (docs/METHOD.md §9): images/ or images_0NN/images/ folders and/or the .tar.gz archives,
     Data_Entry_2017(_v2020).csv, train_val_list.txt, test_list.txt."""
     src = Path(src)
     found = _walk(src, (".png", ".csv", ".txt", ".tar.gz", ".tgz", ".tar"))
@@ -1068,7 +1068,7 @@ def folder_items(src):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Read speed: what the cache saves over decoding PNGs (the input pipeline itself is measured in adam.py)
+# Read speed: what the cache saves over decoding PNGs (the input pipeline itself: `python bench.py pipeline`)
 
 def measure_read_speed(root, n=200, png_side=1024, seed=0):
     """Images/s, on one core, of (a) fetching random rows of the cache's memmap into RAM, (b) decoding the same
@@ -1145,7 +1145,7 @@ def main(argv=None):
         g.add_argument("--force", action="store_true", help="rebuild even if --out already holds a cache")
         size_help = {
             "chestxray14": "side of the cached square images. 512 (default): a level-4 part (1/4 of the side, "
-                           "METHOD.md §2) keeps 128 px, so the random resized crop (scale 0.2-1) to 224 "
+                           "docs/METHOD.md §2) keeps 128 px, so the random resized crop (scale 0.2-1) to 224 "
                            "upsamples at most ~4x instead of ~8x at 256; 112,120 images take 29 GB. "
                            "Use 1024 (117 GB) for no loss at all, 384 (16.5 GB) if disk is short.",
             "phantom": "side of the phantom images (256 default; 64 for tests)",

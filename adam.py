@@ -68,7 +68,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def get_parser():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(formatter_class=HelpFormatter,
                                 description="Adam pretraining: coarse-to-fine contrastive learning of anatomy.")
     g = p.add_argument_group("data")
@@ -121,17 +121,12 @@ def get_parser():
     g.add_argument("--resume", default=None,
                    help="run folder to continue from; flags you pass again override the saved ones")
     g.add_argument("--print-freq", type=int, default=None, help="progress line every N steps")
-    return p
-
-
-def parse_args(argv=None):
-    parser = get_parser()
-    args = parser.parse_args(argv)
+    args = p.parse_args(argv)
     if args.resume:  # the saved flags become the defaults; what the user passes again wins
         saved = load_checkpoint(Path(args.resume) / "checkpoint.pth")["args"]
         saved = {k: v for k, v in saved.items() if k not in ("resume", "out")}
-        parser.set_defaults(**saved)
-        args = parser.parse_args(argv)
+        p.set_defaults(**saved)
+        args = p.parse_args(argv)
         given = sys.argv[1:] if argv is None else argv
         args.out = args.out if "--out" in given else args.resume
     preset = PRESETS[args.preset or ("demo" if args.data == "phantom" else "paper")]
@@ -142,19 +137,18 @@ def parse_args(argv=None):
         args.level_list = [int(n) for n in str(args.levels).split(",")]
         assert all(n >= 0 for n in args.level_list) and args.level_list
     except (ValueError, AssertionError):
-        parser.error(f"--levels must be comma-separated levels >= 0, got {args.levels!r}")
+        p.error(f"--levels must be comma-separated levels >= 0, got {args.levels!r}")
     if args.temperature <= 0:
-        parser.error("--temperature must be > 0")
+        p.error("--temperature must be > 0")
     if args.arch not in ARCHS:
-        parser.error(f"--arch {args.arch!r} is not one of {', '.join(ARCHS)} (try resnet18 or resnet50)")
+        p.error(f"--arch {args.arch!r} is not one of {', '.join(ARCHS)} (try resnet18 or resnet50)")
     return args
 
 
 # -----------------------------------------------------------------------------
-# 2. Anatomy Decomposer (paper Sect. 2, Fig. 2 A-D; docs/METHOD.md §2). Level 0 is the whole image;
-# level 1 cuts it vertically into left and right halves; each further level cuts every part again,
-# alternating horizontal and vertical cuts. Level n has 2^n parts: 2x2 at level 2, 2 rows x 4 columns at
-# level 3, 4x4 at level 4. Halves are floor/ceil, so the parts tile the image exactly for any size.
+# 2. Anatomy Decomposer (paper Sect. 2, Fig. 2 A-D; docs/METHOD.md §2). Level 0 is the whole image; level 1
+# cuts it into left | right halves; each further level cuts every part again, alternating horizontal and
+# vertical cuts: 2x2 parts at level 2, 2 rows x 4 columns at 3, 4x4 at 4. Floor/ceil halves tile any size.
 
 def anatomy_parts(height, width, level):
     """The 2^level parts of a height x width image as (top, left, height, width) boxes, row-major."""
@@ -173,11 +167,10 @@ def anatomy_parts(height, width, level):
 
 
 # -----------------------------------------------------------------------------
-# 3. Views (docs/METHOD.md §3, the authors' augmentation, same for both views). The part is cropped at full
-# resolution, then each view: random resized crop (scale 0.2-1), colour jitter p=0.8, Gaussian blur
-# p=0.5, rotation +-30 deg, ImageNet normalisation of a 3-channel copy. No flip, no random greyscale:
-# left and right matter in anatomy. The views are made from the 1-channel grey part (saturation and hue
-# jitter leave grey pixels unchanged) and expanded to 3 channels only for the normalisation.
+# 3. Views (docs/METHOD.md §3: the authors' augmentation, the same for both views; no flip, no random
+# greyscale, as left and right matter in anatomy). The part is cropped at full resolution; the views are
+# made from the 1-channel grey part (saturation and hue jitter leave grey pixels unchanged) and expanded to
+# 3 channels only for the normalisation.
 
 def imagenet_normalise(x):
     """... x C x H x W in [0, 1], C = 1 or 3 -> ... x 3 x H x W with ImageNet mean/std: grey becomes a
@@ -335,7 +328,7 @@ def main(argv=None):
     args = parse_args(argv)
     device, rank, world = setup_devices(args)
     say = print if rank == 0 else (lambda *a, **k: None)
-    train_images, val_images = open_data(args, world)
+    train_images, val_images, views = open_data(args, world)     # views: BatchViews for --gpu-views
     batch, out = args.batch_size // world, Path(args.out)          # batch: per process
     torch.manual_seed(args.seed)
 
@@ -349,7 +342,6 @@ def main(argv=None):
     model = nn.parallel.DistributedDataParallel(student, device_ids=[device] if cuda else None) \
         if world > 1 else student
     fused = choose_loss(args.loss, device, say)
-    views = batch_views(args)                                      # --gpu-views: augment on the device
     lr = args.lr * args.batch_size / 256                           # linear scaling rule
     start_stage, start_epoch, step, ckpt = resume(args, student, teacher, bank, say)
     steps_per_epoch = min(len(train_images) // args.batch_size, args.steps_per_epoch or math.inf)
@@ -428,10 +420,9 @@ def validate(student, teacher, bank, val_images, level, t, args, fused, device, 
     student.eval()
     teacher.eval()
     total = torch.zeros((), device=device)
-    cuda = device.type == "cuda"
     for item in loader:
         x_q, x_k = to_views(item, views, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             q, k = student(x_q), teacher(x_k)
         total += info_nce(q, k, bank.queue, args.temperature, t, fused=fused)
     if dist.is_initialized():
@@ -444,8 +435,7 @@ def validate(student, teacher, bank, val_images, level, t, args, fused, device, 
 
 def setup_devices(args):
     """Returns (device, rank, world). torchrun sets WORLD_SIZE; gloo on CPU, nccl on CUDA. --tf32 on CUDA."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     want = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if want.startswith("cuda") and world > 1:
         want = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -488,8 +478,8 @@ def choose_loss(flag, device, say):
 
 
 def open_data(args, world):
-    """(train images, validation images or None) of --data (data_prep.open_images), checked against
-    --batch-size and --gpu-views. Under torchrun rank 0 generates a missing phantom, the other ranks wait."""
+    """--data -> (train images, validation images or None, BatchViews for --gpu-views or None), checked
+    against --batch-size and --gpu-views. Under torchrun rank 0 generates a missing phantom, the others wait."""
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
     wait = args.data == "phantom" and dist.is_initialized()
@@ -501,11 +491,15 @@ def open_data(args, world):
     if train_images is None or len(train_images) < args.batch_size:
         n = 0 if train_images is None else len(train_images)
         raise ValueError(f"--data {args.data}: train split has {n} images, fewer than --batch-size {args.batch_size}")
-    if args.gpu_views and not isinstance(train_images, data_prep.CacheImages):
-        raise ValueError(f"--gpu-views needs a data_prep.py cache (images of one size); --data {args.data} is a "
-                         f"folder: prepare it with `python data_prep.py folder --src {args.data} --out <cache>`")
+    views = None
+    if args.gpu_views:  # both views of a batch made on the training device
+        if not isinstance(train_images, data_prep.CacheImages):
+            raise ValueError(f"--gpu-views needs a data_prep.py cache (images of one size); --data {args.data} is a "
+                             f"folder: prepare it with `python data_prep.py folder --src {args.data} --out <cache>`")
+        from gpu_views import BatchViews  # imported only for --gpu-views
+        views = BatchViews(args.img_size)
     val = data_prep.open_images(args.data, args.data_root, "val", args.phantom_images) if args.val_steps != 0 else None
-    return train_images, val
+    return train_images, val, views
 
 
 def make_loader(images, level, args, num_samples, world, rank, seed, batch):
@@ -518,27 +512,17 @@ def make_loader(images, level, args, num_samples, world, rank, seed, batch):
     return loader, sampler
 
 
-def batch_views(args):
-    """--gpu-views: the batched augmentation (gpu_views.py) that to_views applies on the device; else None."""
-    if not args.gpu_views:
-        return None
-    from gpu_views import BatchViews
-    return BatchViews(args.img_size)
-
-
 def to_views(item, views, device, memory_format=torch.preserve_format):
     """A loader batch -> (x_q, x_k) on device, in memory_format (one copy each: transfer and layout together).
     --gpu-views: (images, parts, seeds) -> BatchViews there."""
-    if views is None:
-        return tuple(x.to(device, non_blocking=True, memory_format=memory_format) for x in item)
-    x, boxes, seeds = item
-    return tuple(v.contiguous(memory_format=memory_format) for v in views(x.to(device, non_blocking=True), boxes, seeds))
+    if views is not None:
+        item = views(item[0].to(device, non_blocking=True), *item[1:])
+    return tuple(x.to(device, non_blocking=True, memory_format=memory_format) for x in item)
 
 
 def write_atomic(path, write):
-    """write(tmp_path) then rename onto path: a reader, or a run that crashed, sees the old file or the new
-    one, never half of one. Makes the parent folder. The one writer of checkpoints, results and figures
-    (adam.py, finetune.py, eve.py, bench.py). Returns str(path)."""
+    """write(tmp path), then rename it onto path (made with its folder): a reader or a crash sees the old file or
+    the new one, never half of one. The writer of every checkpoint, result and figure. Returns str(path)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

@@ -281,13 +281,13 @@ def pipeline(argv):
     own, rest = p.parse_known_args(argv)
     args = adam.parse_args(rest)
     device, _, _ = adam.setup_devices(args)
-    images, _ = adam.open_data(args, 1)
+    images, _, views = adam.open_data(args, 1)
     batch, level = args.batch_size, args.level_list[-1]
     n = min(own.batches, len(images) // batch - 2)
     if n < 1:
         raise ValueError(f"bench.py pipeline needs at least {3 * batch} images, {images.name} has {len(images)}")
     loader, _ = adam.make_loader(images, level, args, batch * (n + 2), 1, 0, args.seed, batch)
-    views, it = adam.batch_views(args), iter(loader)
+    it = iter(loader)
     adam.to_views(next(it), views, device), adam.to_views(next(it), views, device)  # warm-up
     t0 = time.perf_counter()
     for _ in range(n):

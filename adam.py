@@ -69,8 +69,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(formatter_class=HelpFormatter,
-                                description="Adam pretraining: coarse-to-fine contrastive learning of anatomy.")
+    p = argparse.ArgumentParser(description="Adam pretraining: coarse-to-fine contrastive learning of anatomy "
+                                "(MICCAI 2023).", formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", default="phantom", help="'phantom' (generated on first use), 'chestxray14', 'eyepacs' "
                    "(caches made by data_prep.py), a cache folder, or any folder of PNG/JPEG images")
@@ -488,9 +488,9 @@ def open_data(args, world):
     train_images = data_prep.open_images(args.data, args.data_root, "train", args.phantom_images)
     if wait and dist.get_rank() == 0:
         dist.barrier()
-    if train_images is None or len(train_images) < args.batch_size:
-        n = 0 if train_images is None else len(train_images)
-        raise ValueError(f"--data {args.data}: train split has {n} images, fewer than --batch-size {args.batch_size}")
+    if len(train_images or ()) < args.batch_size:
+        raise ValueError(f"--data {args.data}: train split has {len(train_images or ())} images, fewer than "
+                         f"--batch-size {args.batch_size}")
     views = None
     if args.gpu_views:  # both views of a batch made on the training device
         if not isinstance(train_images, data_prep.CacheImages):

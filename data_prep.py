@@ -23,6 +23,9 @@ meta.json being the last file written inside it, so a killed run never leaves a 
 A bad source file is an error naming it (and nothing is written) unless --skip-bad is given, in
 which case it is skipped and listed in report.json.
 
+Every script opens its --data through open_dataset (a cache by name or folder; the phantom is generated when
+missing) or open_images (a split's images, or any folder of PNG/JPEG files).
+
 Import cost: numpy + pillow only; pydicom is imported when a DICOM file is met.
 """
 import argparse

@@ -175,7 +175,7 @@ class CacheDataset(torch.utils.data.Dataset):
         structures = list(cache.meta.get("structures", []))
         self.channels = [structures.index(s) for s in self.spec.get("structures", ())]
         S, R = img_size, int(round(img_size * 256 / 224))  # classification test: resize 256, crop 224
-        if self.spec["kind"] == "seg":  # our choice (the paper gives none); no flips: left != right (docs/METHOD.md §3)
+        if self.spec["kind"] == "seg":  # our choice (the paper gives none); no flip: left != right (docs/METHOD.md §3)
             self.tf = (v2.Compose([v2.RandomResizedCrop(S, scale=(0.7, 1.0), ratio=(0.9, 1.1)),
                                    v2.RandomRotation(10)]) if mode == "train" else v2.Resize((S, S)))
         elif mode == "train":  # docs/METHOD.md §7: random resized crop, horizontal flip, rotation +-7

@@ -13,7 +13,8 @@ def test_loss_table_runs_every_cpu_path(tmp_path):
     md = tmp_path / "table.md"
     rows = bench.main(["--shape", "6,16,512", "--dtypes", "fp32,bf16", "--repeats", "1", "--no-mem",
                        "--temperature", "0.1", "--threshold", "0.5", "--md", str(md)])
-    assert [(r["dtype"], r["path"]) for r in rows] == [(d, p) for d in ("fp32", "bf16") for p in ("torch", "loop", "fused")]
+    paths = [(d, p) for d in ("fp32", "bf16") for p in ("torch", "loop", "fused")]
+    assert [(r["dtype"], r["path"]) for r in rows] == paths
     assert all(r["fwd_ms"] > 0 and r["fb_ms"] > 0 for r in rows)
     text = md.read_text()
     assert "T=0.1, t=0.5" in text and text.count("| cpu |") == 6

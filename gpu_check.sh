@@ -16,7 +16,8 @@
 #             PyTorch's caching allocator off (so an overrun into a neighbouring buffer is seen)
 #   bench     bench.py at its default shape, every path
 #   train     ResNet-50, 224 px, paper preset (batch 256, K = 65536, bf16 autocast), level 4, 30 steps on
-#             phantoms, --loss fused and --loss torch; images/s per epoch from log.jsonl
+#             phantoms, --loss fused, --loss torch and --gpu-views; images/s per epoch from log.jsonl; then
+#             bench.py pipeline (the input pipeline alone) with the CPU workers and with --gpu-views
 #   sweep     bench.py --sweep with whatever time is left
 # Each step runs under min(its cap, deadline - now); a step with less than MIN_STEP s left is skipped and says so.
 # After every step $OUT holds summary.txt, logs.tar.gz, selfcheck.md/.json and BENCHMARKS_cuda.md (the table
@@ -157,12 +158,18 @@ for stage in "${STAGES[@]}"; do
       TRAIN="$PY adam.py --data $PHANTOM --preset paper --device cuda --levels 4 --workers 12
              --epochs 3 --steps-per-epoch 10 --print-freq 5 --val-steps 1"
     fi
-    for loss in fused torch; do
-      rm -rf "$WORK/run_$loss"
-      step "train_$loss" 150 $TRAIN --loss $loss --out "$WORK/run_$loss"
-      [ -f "$WORK/run_$loss/log.jsonl" ] && cp "$WORK/run_$loss/log.jsonl" "$WORK/train_${loss}_log.jsonl" \
-        && sed 's/^/   /' "$WORK/run_$loss/log.jsonl" | tee -a "$WORK/summary.txt"
+    for run in fused torch gpu_views; do
+      rm -rf "$WORK/run_$run"
+      flags="--loss $run"
+      [ $run = gpu_views ] && flags="--loss fused --gpu-views"
+      step "train_$run" 150 $TRAIN $flags --out "$WORK/run_$run"
+      [ -f "$WORK/run_$run/log.jsonl" ] && cp "$WORK/run_$run/log.jsonl" "$WORK/train_${run}_log.jsonl" \
+        && sed 's/^/   /' "$WORK/run_$run/log.jsonl" | tee -a "$WORK/summary.txt"
     done
+    # The input pipeline alone (no model): the CPU workers' views against BatchViews on the device.
+    PIPE="$PY bench.py pipeline --batches $([ $DRY = 1 ] && echo 2 || echo 20) ${TRAIN#"$PY adam.py"}"
+    step pipeline_workers 100 $PIPE
+    step pipeline_gpu_views 100 $PIPE --gpu-views
     save
     ;;
   sweep)

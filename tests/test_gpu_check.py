@@ -26,11 +26,12 @@ def test_dry_run_runs_every_stage_in_order(tmp_path):
     first = {}
     for i, ln in enumerate(lines):
         name = ln[3:].split(":")[0]
-        key = {"nvidia-smi": "env", "train_fused": "train", "train_torch": "train"}.get(name, name)
+        key = "train" if name.startswith(("train_", "pipeline_")) else {"nvidia-smi": "env"}.get(name, name)
         first.setdefault(key, i)
     order = [s for s in STAGES if s in first]
     assert order == STAGES, f"stages reported {sorted(first, key=first.get)}"
-    for stage in ("build", "smoke", "bench", "train_fused", "train_torch"):
+    for stage in ("build", "smoke", "bench", "train_fused", "train_torch", "train_gpu_views", "pipeline_workers",
+                  "pipeline_gpu_views"):
         assert f"== {stage}: rc=0" in summary, summary
     for stage in ("test", "sanitize", "sweep"):
         assert f"== {stage}: skipped (dry run" in summary

@@ -1,4 +1,4 @@
-# One entry point: `make demo` (CPU demo on phantoms, ~N min on 2 cores) and `make test` (the test suite).
+# One entry point: `make demo` (CPU demo on phantoms, about 4 minutes on 2 cores, README) and `make test` (the test suite).
 # Both create .venv and install everything on first use, including the fused op (adam_ext), built with its
 # CUDA kernels when a CUDA toolkit is found (setup.py looks at CUDA_HOME, then nvcc on PATH).
 # The default installs the tested pin of requirements.txt (torch 2.14.1, CUDA 13 wheels). To keep a torch you already
@@ -54,7 +54,7 @@ bench: $(STAMP)
 # the device call carries it: carry [".whl"]). About 37 MB, pure-Python wheels.
 gpu-wheels:
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-		--platform any -d .whl segmentation-models-pytorch==0.6.0 pydicom==3.0.2 pydicom-data==1.0.0
+		--platform any -d .whl segmentation-models-pytorch==0.6.0 pydicom==3.0.2 pydicom-data==1.0.0 tqdm==4.70.1
 
 clean:
 	rm -rf build *.egg-info adam_ext/*.so runs

@@ -1,10 +1,14 @@
-"""Benchmark of the pruned InfoNCE loss (METHOD.md §4, §6): three ways to compute the same number.
+"""Benchmarks: the pruned InfoNCE loss (docs/METHOD.md §4, §6) three ways, and adam.py's input pipeline.
 
+  python bench.py [flags]                   the loss paths below, as a table (BENCHMARKS.md)
+  python bench.py pipeline [adam.py flags]  images/s of the input pipeline alone (see pipeline())
+
+The loss, three ways to compute the same number:
   torch  - adam.info_nce, the readable pure-PyTorch reference (builds B x K matrices)
-  loop   - the authors' formulation re-expressed for the record: a Python loop over anchors,
-           one masked cross-entropy each. At big shapes only --loop-anchors anchors are timed and
-           the time is extrapolated linearly to B (the loop is embarrassingly linear in B); the
-           table marks such rows with "~".
+  loop   - loop_info_nce, the brute-force reference of the tests and the authors' formulation
+           re-expressed for the record: a Python loop over anchors, one pruned log-softmax each.
+           At big shapes only --loop-anchors anchors are timed and the time is extrapolated
+           linearly to B (the loop is embarrassingly linear in B); the table marks such rows with "~".
   fused  - adam_ext.info_nce, the fused op (csrc/): one pass over the bank, no B x K buffer. On
            CUDA the launcher picks its kernel (TILED for fp32/bf16 at D in {64, 128, 256})
   fused_simple - CUDA only: the same op with the readable SIMPLE kernel forced
@@ -28,6 +32,7 @@ it counts what the allocator really touched, library workspaces included; a few 
   python bench.py --quick                          # default shape only, CPU
   python bench.py --device cuda --md BENCHMARKS_cuda.md
   python bench.py --sweep --md /tmp/bench_cpu.md   # K up to 1,048,576 and B in {64, 256, 1024}
+  python bench.py pipeline --data chestxray14 --batches 20 --gpu-views   # images/s of the views on the GPU
 """
 import argparse
 import json
@@ -60,23 +65,27 @@ g.add_argument("--repeats", type=int, default=5, help="timed repeats (median rep
 g.add_argument("--loop-anchors", type=int, default=8, help="anchors timed for the loop path when B is larger (extrapolated)")
 g.add_argument("--max-ref-gib", type=float, default=4.0, help="skip the torch path when its B x K matrices would exceed this")
 g.add_argument("--no-mem", action="store_true", help="skip the (slow on CPU: one subprocess per row) memory measurement")
-g.add_argument("--T", type=float, default=0.2, help="temperature tau")
-g.add_argument("--t", type=float, default=0.8, help="pruning threshold (bank entries planted above it: 1%%)")
+g.add_argument("--temperature", type=float, default=0.2, help="tau of InfoNCE, as adam.py's flag")
+g.add_argument("--threshold", type=float, default=0.8,
+               help="Purposive Pruner threshold t, as adam.py's flag (bank entries planted above it: 1%%)")
 g = parser.add_argument_group("output")
 g.add_argument("--md", default="", help="also write the table as markdown to this file (atomically)")
 g.add_argument("--_mem", default="", help=argparse.SUPPRESS)  # internal: path,B,D,K,dtype -> peak RSS rise
 
 
-def loop_info_nce(q, k, queue, T, t):
-    """The authors' per-anchor formulation (re-expressed): for each anchor its own pruned
-    negatives and one cross-entropy; then the mean. Same value as adam.info_nce."""
+def loop_info_nce(q, k, queue, temperature, threshold):
+    """The brute-force reference (tests/test_adam.py checks adam.info_nce against it): the loss of
+    docs/METHOD.md §4 as written, one anchor at a time, each with its own kept set P_i = {j : s_ij < t},
+    then the mean. threshold None keeps every entry. Scores in the inputs' precision, the log-softmax in
+    at least float32 (bf16 logits are upcast, float64 stays float64)."""
     losses = []
     for i in range(q.shape[0]):
         l_pos = (q[i] * k[i]).sum().view(1)                     # 1
-        l_neg = queue @ q[i]                                    # K
-        l_neg = l_neg[l_neg.detach() < t]                       # kept entries only
-        logits = torch.cat([l_pos, l_neg]).float() / T          # 1 + |P_i|
-        losses.append(F.cross_entropy(logits[None], torch.zeros(1, dtype=torch.long, device=q.device)))
+        s = queue @ q[i]                                        # K: s_ij
+        kept = s if threshold is None else s[s.detach() < threshold]  # P_i
+        logits = torch.cat([l_pos, kept])                       # 1 + |P_i|
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+        losses.append(torch.logsumexp(logits, 0) - logits[0])  # -log softmax of the positive
     return torch.stack(losses).mean()
 
 
@@ -198,8 +207,8 @@ def _proc_status_kib(field):
 
 
 def peak_mem_cpu(path, B, D, K, dt, T, t):
-    cmd = [sys.executable, os.path.abspath(__file__), "--_mem", f"{path},{B},{D},{K},{dt}", "--T", str(T), "--t", str(t),
-           "--threads", str(torch.get_num_threads())]
+    cmd = [sys.executable, os.path.abspath(__file__), "--_mem", f"{path},{B},{D},{K},{dt}", "--temperature", str(T),
+           "--threshold", str(t), "--threads", str(torch.get_num_threads())]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["mib"]
 
@@ -218,7 +227,7 @@ def floors_cuda(dtype, allow_tf32=False):
 
 def bench_row(args, path, B, D, K, dt, floors):
     dev, dtype = args.device, DT[dt]
-    T, t = args.T, args.t
+    T, t = args.temperature, args.threshold
     if path == "torch" and 3 * B * K * 4 > args.max_ref_gib * 2**30:
         return None  # three B x K fp32 matrices alive at the peak, at least
     copies = 1 if dev == "cpu" else max(1, math.ceil(2 * 64 * 2**20 / (K * D * dtype.itemsize)) + 1)
@@ -262,11 +271,43 @@ def fmt_table(rows):
     return "\n".join(lines)
 
 
-def main():
-    args = parser.parse_args()
+def pipeline(argv):
+    """`bench.py pipeline [--batches N] [adam.py flags]`: images/s of adam.py's input pipeline alone, as the
+    training loop sees it: the loader with its workers (Anatomy Decomposer + both views per sample), or with
+    --gpu-views the workers' parts and BatchViews on the device; no model. The finest level of --levels,
+    one pass over the images (no repeats), after two warm-up batches (worker start, first decode)."""
+    p = argparse.ArgumentParser(prog="bench.py pipeline", description=pipeline.__doc__)
+    p.add_argument("--batches", type=int, default=20, help="timed batches (fewer when the split is smaller)")
+    own, rest = p.parse_known_args(argv)
+    args = adam.parse_args(rest)
+    device, _, _ = adam.setup_devices(args)
+    images, _, views = adam.open_data(args, 1)
+    batch, level = args.batch_size, args.level_list[-1]
+    n = min(own.batches, len(images) // batch - 2)
+    if n < 1:
+        raise ValueError(f"bench.py pipeline needs at least {3 * batch} images, {images.name} has {len(images)}")
+    loader, _ = adam.make_loader(images, level, args, batch * (n + 2), 1, 0, args.seed, batch)
+    it = iter(loader)
+    adam.to_views(next(it), views, device), adam.to_views(next(it), views, device)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(n):
+        adam.to_views(next(it), views, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    rate = n * batch / (time.perf_counter() - t0)
+    print(f"input pipeline: {rate:.0f} images/s ({images.name}, level {level}, {args.img_size} px, batch {batch}, "
+          f"{args.workers} workers, views {'BatchViews on ' + device.type if views else 'in workers'})")
+    return rate
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["pipeline"]:
+        return pipeline(argv[1:])
+    args = parser.parse_args(argv)
     if args._mem:
         torch.set_num_threads(args.threads or torch.get_num_threads())
-        return peak_mem_cpu_child(args._mem, args.T, args.t)
+        return peak_mem_cpu_child(args._mem, args.temperature, args.threshold)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not adam_ext.is_built():
@@ -318,15 +359,17 @@ def main():
     omp = os.environ.get("OMP_WAIT_POLICY")
     name += f", OMP_WAIT_POLICY={omp}" if omp and args.device == "cpu" else ""
     head = (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; device: {name}; torch {torch.__version__}; "
-            f"adam_ext {adam_ext.build_info()}; commit {commit}; T={args.T}, t={args.t}; `python {' '.join(sys.argv)}`")
+            f"adam_ext {adam_ext.build_info()}; commit {commit}; T={args.temperature}, t={args.threshold}; "
+            f"`python {' '.join(sys.argv)}`")
     table = fmt_table(rows)
     print("\n" + head + "\n\n" + table)
     if args.md:
-        tmp = args.md + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(head + "\n\n" + table + "\n")
-        os.replace(tmp, args.md)
+        adam.write_atomic(args.md, lambda p: p.write_text(head + "\n\n" + table + "\n"))
+    return rows
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError, adam.DataError) as e:  # bad input: one clear line, no traceback
+        sys.exit(f"bench.py: error: {str(e).strip().splitlines()[-1]}")

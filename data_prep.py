@@ -25,6 +25,9 @@ meta.json being the last file written inside it, so a killed run never leaves a 
 A bad source file is an error naming it (and nothing is written) unless --skip-bad is given, in
 which case it is skipped and listed in report.json.
 
+Every script opens its --data through open_dataset (a cache by name or folder; the phantom is generated when
+missing) or open_images (a split's images, or any folder of PNG/JPEG files).
+
 Import cost: numpy + pillow only; pydicom is imported when a DICOM file is met, tqdm when a conversion starts.
 """
 import argparse
@@ -56,7 +59,7 @@ LANDMARKS = ["trachea_top", "carina", "left_apex", "right_apex", "left_costophre
              "right_costophrenic", "left_hemidiaphragm", "right_hemidiaphragm", "heart_apex", "aortic_knob"]
 CXR14_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis",
                 "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax"]
-CXR14_TRAIN, CXR14_VAL = 75312, 11212          # the authors' split of train_val_list.txt (METHOD.md §5)
+CXR14_TRAIN, CXR14_VAL = 75312, 11212          # the authors' split of train_val_list.txt (docs/METHOD.md §5)
 DEFAULT_SIZE = {"phantom": 256, "chestxray14": 512, "eyepacs": 512, "jsrt": 512, "folder": 512, "csv": 512}
 # Test hook: SIGKILL ourselves after this many images have been written (simulates a killed run).
 KILL_AFTER_ENV = "ADAM_DATA_PREP_KILL_AFTER"
@@ -156,6 +159,86 @@ def open_cache(root):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Opening a dataset by name or folder: the one way adam.py, finetune.py and eve.py find their images
+
+DATASETS = ("phantom", "chestxray14", "eyepacs", "jsrt")  # names that mean a cache at data/<name>
+
+
+class DataError(Exception):
+    """Bad input data: the message names the file and, where there is one, the fix."""
+
+
+def dataset_root(data, root=None):
+    """--data NAME [--data-root DIR] -> DIR, else data/NAME for a named dataset; any other --data is the folder."""
+    return Path(root) if root else Path(f"data/{data}") if data in DATASETS else Path(data)
+
+
+def open_dataset(data, root=None, phantom_images=None):
+    """The cache of a named dataset or of a cache folder. The phantom is generated when missing, with
+    phantom_images images (default 1000); given, an existing phantom of another size gets a warning.
+    FileNotFoundError naming the folder and the command that prepares it."""
+    path = dataset_root(data, root)
+    ready = (path / "meta.json").exists()
+    if data == "phantom" and not ready:
+        print(f"no phantom set at {path}: generating it", file=sys.stderr, flush=True)
+    if data == "phantom" and (phantom_images or not ready):
+        ensure_phantom(path, num_images=phantom_images or 1000, seed=0)
+    elif data in DATASETS and not ready:
+        raise FileNotFoundError(f"--data {data}: no prepared dataset at {path}; prepare it with "
+                                f"`python data_prep.py {data} --src <downloaded folder> --out {path}`")
+    return open_cache(path)
+
+
+class CacheImages:
+    """The images of one split of a cache (uint8 memory map): no decoding per sample."""
+
+    def __init__(self, cache, split):
+        self.images, self.rows, self.name = cache.images, cache.rows(split), str(cache.root)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        x = np.array(self.images[self.rows[i]])  # copy out of the memory map
+        return x[None] if x.ndim == 2 else x.transpose(2, 0, 1)  # C x H x W uint8
+
+
+class FolderImages:
+    """Any folder of PNG/JPEG images, decoded on the fly (slow for big images: prefer a cache)."""
+
+    def __init__(self, root):
+        exts = {".png", ".jpg", ".jpeg"}
+        self.files = sorted(f for f in Path(root).rglob("*") if f.suffix.lower() in exts)
+        if not self.files:
+            raise DataError(f"--data {root}: no PNG/JPEG images in this folder")
+        self.name = str(root)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        try:
+            with Image.open(self.files[i]) as im:
+                return np.array(im.convert("L"))[None]  # 1 x H x W uint8
+        except Exception as e:  # PIL raises many types; the user needs the file name
+            raise DataError(f"cannot read image {self.files[i]}: {e}") from e
+
+
+def open_images(data, root=None, split="train", phantom_images=None):
+    """--data [--data-root] -> the images of `split` as an indexable set of C x H x W uint8 arrays with a
+    .name, or None when the split is empty (a plain folder of images is all "train")."""
+    path = dataset_root(data, root)
+    if data in DATASETS or (path / "meta.json").exists():
+        cache = open_dataset(data, root, phantom_images)
+        return CacheImages(cache, split) if cache.rows(split) else None
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"--data {data}: no such folder. Give a folder of PNG/JPEG images, or prepare a dataset "
+            f"with `python data_prep.py chestxray14 --src <download> --out data/chestxray14`")
+    return FolderImages(path) if split == "train" else None
+
+
+# ----------------------------------------------------------------------------------------------------
 # Writing a cache atomically
 
 def _pid_alive(pid):
@@ -229,7 +312,7 @@ def _maybe_die(done):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Phantom chest radiographs (issue 2, item 11)
+# Phantom chest radiographs
 #
 # Geometry lives in canonical coordinates (u, v) in [-1, 1]^2: u to the image's right (= the patient's
 # left in a PA view), v downwards. Each image draws its own anatomy parameters, then one similarity
@@ -490,8 +573,8 @@ def ensure_phantom(root, num_images=1000, size=256, seed=0, workers=None):
 #   grey:  PIL Image.convert("L")  (ITU-R 601-2 luma, alpha ignored: a grey image stored as RGBA with
 #          R=G=B keeps its values); 16-bit PNGs ("I;16", "I") are min-max scaled to 0..255 first.
 #   RGB:   Image.convert("RGB").  JPEGs are decoded with Image.draft(mode, (size, size)), i.e. by libjpeg's
-#          DCT scaling at the smallest 1/2, 1/4, 1/8 scale still >= size (3888x2592 -> 512 px: 70 ms instead
-#          of ~360 ms per image, measured here on a synthetic JPEG).
+#          DCT scaling at the smallest 1/2, 1/4, 1/8 scale still >= size (a 3888x2592 photo decodes at 1/4
+#          of its side for 512 px: a fraction of the full decode's time).
 #   fit:   "pad" centres the image on a black square, "crop" takes the centred square, "stretch" neither.
 #   size:  Image.resize((size, size), Image.BILINEAR) (PIL filters with the full support when shrinking,
 #          so this is antialiased); masks use Image.NEAREST and are then thresholded at > 0.
@@ -840,7 +923,7 @@ def _read_list(path):
 
 
 def chestxray14_items(src, val_seed=0):
-    """ChestX-ray14 (METHOD.md §9): images/ or images_0NN/images/ folders and/or the .tar.gz archives,
+    """ChestX-ray14 (docs/METHOD.md §9): images/ or images_0NN/images/ folders and/or the .tar.gz archives,
     Data_Entry_2017(_v2020).csv, train_val_list.txt, test_list.txt."""
     src = Path(src)
     found = _walk(src, (".png", ".csv", ".txt", ".tar.gz", ".tgz", ".tar"))
@@ -1250,7 +1333,7 @@ def _split_by_patient(items, val_fraction, test_fraction, seed, report):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Read speed: what the cache saves over decoding PNGs (the input pipeline itself is measured in adam.py)
+# Read speed: what the cache saves over decoding PNGs (the input pipeline itself: `python bench.py pipeline`)
 
 def measure_read_speed(root, n=200, png_side=1024, seed=0):
     """Images/s, on one core, of (a) fetching random rows of the cache's memmap into RAM, (b) decoding the same
@@ -1359,7 +1442,7 @@ def main(argv=None):
         g.add_argument("--force", action="store_true", help="rebuild even if --out already holds a cache")
         size_help = {
             "chestxray14": "side of the cached square images. 512 (default): a level-4 part (1/4 of the side, "
-                           "METHOD.md §2) keeps 128 px, so the random resized crop (scale 0.2-1) to 224 "
+                           "docs/METHOD.md §2) keeps 128 px, so the random resized crop (scale 0.2-1) to 224 "
                            "upsamples at most ~4x instead of ~8x at 256; 112,120 images take 29 GB. "
                            "Use 1024 (117 GB) for no loss at all, 384 (16.5 GB) if disk is short.",
             "phantom": "side of the phantom images (256 default; 64 for tests)",

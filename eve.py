@@ -1,5 +1,5 @@
 """
-Eve: what does a pretrained encoder understand of anatomy? (METHOD.md §8; paper Sect. 3.3, 3.4, Ablation 1)
+Eve: what does a pretrained encoder understand of anatomy? (docs/METHOD.md §8; paper Sect. 3.3, 3.4, Ablation 1)
 
 The paper shows its embedding properties as pictures only; this script turns each into numbers too:
 
@@ -15,7 +15,7 @@ The paper shows its embedding properties as pictures only; this script turns eac
                     landmark error in pixels; figure: matches with cosine >= 0.8, and the real radiograph
                     RG1_UNCR.dcm from pydicom-data as a demo of the self case.
 
-Example (phantom, CPU, ~40 s per init on 2 cores; NAME= names a column):
+Example (phantom, CPU, under a minute per init; NAME= names a column):
   python eve.py --arch resnet18 --img-size 64 --data phantom --out runs/eve \\
       --compare adam=adam:runs/adam moco=adam:runs/moco random
 
@@ -32,33 +32,30 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from finetune import load_backbone, write_atomic  # the one checkpoint loader and atomic writer (finetune.py)
+import data_prep
+from adam import ARCHS, imagenet_normalise, write_atomic
+from finetune import load_backbone  # every checkpoint form finetune.py accepts
 
 WHAT = ("locality", "compositionality", "correspondence")
 
 
 # ----------------------------------------------------------------------------- encoder and crops
 
-class Encoder(nn.Module):
-    """A torchvision ResNet with fc = Identity, fed the way pretraining fed it (METHOD.md §3): a 3-channel
-    copy of the grey image, ImageNet mean/std. forward: B x C x S x S in [0, 1] -> B x D (GAP features)."""
+class BackboneFeatures(nn.Module):
+    """A torchvision ResNet with fc = Identity, fed the way pretraining fed it (adam.imagenet_normalise,
+    docs/METHOD.md §3). forward: B x C x S x S grey or RGB in [0, 1] -> B x D (global-average-pooled features)."""
 
     def __init__(self, backbone):
         super().__init__()
         self.backbone = backbone
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
-
-    def prep(self, x):
-        return ((x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x) - self.mean) / self.std
 
     def forward(self, x):
-        return self.backbone(self.prep(x))  # B x D
+        return self.backbone(imagenet_normalise(x))  # B x D
 
     def feature_map(self, x):
         """The last conv map (layer4 output, stride 32): B x D x S/32 x S/32."""
         b = self.backbone
-        x = b.maxpool(b.relu(b.bn1(b.conv1(self.prep(x)))))
+        x = b.maxpool(b.relu(b.bn1(b.conv1(imagenet_normalise(x)))))
         return b.layer4(b.layer3(b.layer2(b.layer1(x))))
 
 
@@ -145,8 +142,7 @@ def locality(encoder, images, landmarks, img_size, patch, k=5, folds=5, device="
 
 def tsne(feats, labels, max_points=600, seed=0):
     """2-D t-SNE of (at most max_points of) the features -> (xy, labels of the points kept). One OpenMP
-    thread: sklearn's threaded gradient oversubscribes a small shared CPU (600 points on this 2-core machine
-    under load: 7 s with 1 thread, 37 s with the default)."""
+    thread: sklearn's threaded gradient oversubscribes a small shared CPU, and 600 points need no more."""
     from sklearn.manifold import TSNE
     from threadpoolctl import threadpool_limits
     if len(feats) > max_points:
@@ -162,7 +158,7 @@ def tsne(feats, labels, max_points=600, seed=0):
 
 def split_box(box, n, rng):
     """Split box (y, x, h, w) into n parts that tile it exactly (no pixel lost or shared): repeatedly halve
-    the largest part across its longer side, like the Anatomy Decomposer's cuts (METHOD.md §2).
+    the largest part across its longer side, like the Anatomy Decomposer's cuts (docs/METHOD.md §2).
     n=2: two halves; n=3: a half and two quarters; n=4: a 2 x 2 grid (for a square-ish patch)."""
     parts = [tuple(box)]
     while len(parts) < n:
@@ -216,7 +212,8 @@ def compositionality(encoder, images, img_size, parts=(2, 3, 4), num=100, min_fr
     return (out, shuffled) if baseline else out
 
 
-def summarise(c):
+def describe(c):
+    """Mean, std, quartiles and count of a sample of cosines."""
     q = np.percentile(c, [25, 50, 75])
     return {"mean": float(c.mean()), "std": float(c.std()), "q25": float(q[0]), "median": float(q[1]),
             "q75": float(q[2]), "n": int(len(c))}
@@ -329,7 +326,6 @@ def read_dicom_grey(path, size):
     """RG1_UNCR.dcm-like radiograph -> 1 x size x size float in [0, 1], through data_prep's DICOM reader with the
     1st..99th percentile window (RG1's header window is the whole 15-bit range, too flat to see anything;
     MONOCHROME1 inverted so bone is bright as in the PNG datasets), centre-cropped to a square (no distortion)."""
-    import data_prep
     from PIL import Image
     im, _ = data_prep.dicom_to_grey(path, window="percentile")
     w, h = im.size
@@ -358,11 +354,8 @@ def read_landmark_csv(path, names_in_cache):
 
 
 def load_data(args):
-    import data_prep
-    root = Path(args.data_root or f"data/{args.data}")
-    if args.data == "phantom":
-        data_prep.ensure_phantom(root)
-    cache = data_prep.open_cache(root)
+    root = data_prep.dataset_root(args.data, args.data_root)
+    cache = data_prep.open_dataset(args.data, args.data_root)  # as adam.py opens it; a missing phantom is generated
     rows = cache.rows(args.split)[:args.num_images]
     if len(rows) < 2:
         raise ValueError(f"{root}: split {args.split!r} has {len(rows)} images, need >= 2 (see --split)")
@@ -469,15 +462,16 @@ def get_args(argv=None):
     g.add_argument("--compare", nargs="*", default=None, metavar="INIT",
                    help="put all inits side by side in one figure per measurement (without it: a figure per "
                         "init); inits listed after it are added to --init's")
-    g.add_argument("--arch", default="resnet50", help="torchvision ResNet the checkpoints were trained with")
+    g.add_argument("--arch", default="resnet50", choices=ARCHS, help="backbone the checkpoints were trained with")
     g.add_argument("--img-size", type=int, default=224,
                    help="encoder input side (paper: 224); 64 is enough for a CPU demo with resnet18")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--batch-size", type=int, default=64)
     g = p.add_argument_group("data")
     g.add_argument("--data", default="phantom",
-                   help="dataset name of a data_prep.py cache; phantom is generated when missing")
-    g.add_argument("--data-root", default=None, help="the cache folder (default data/<data>)")
+                   help="a dataset name (as adam.py's --data) or a data_prep.py cache folder; phantom is generated "
+                        "when missing")
+    g.add_argument("--data-root", default=None, help="where a named dataset lives (default data/<name>)")
     g.add_argument("--split", default="test", help="which split's images to use (train/val/test)")
     g.add_argument("--num-images", type=int, default=50,
                    help="first N images of the split; locality uses all, correspondence --corr-pairs of them")
@@ -553,7 +547,7 @@ def measure_one(enc, args, imgs, lms, dicom, dev):
         t0 = time.time()
         cos, base = compositionality(enc, imgs, args.img_size, args.parts, args.num_patches, args.comp_min,
                                      args.comp_max, args.comp_mode, args.seed, dev, args.batch_size, baseline=True)
-        res["compositionality"] = {str(n): summarise(c) | {"shuffled_mean": float(base[n].mean()),
+        res["compositionality"] = {str(n): describe(c) | {"shuffled_mean": float(base[n].mean()),
                                                            "gap": float(c.mean() - base[n].mean())}
                                    for n, c in cos.items()}
         sec["compositionality"] = round(time.time() - t0, 2)
@@ -646,7 +640,7 @@ def main(argv=None):
         name, spec = init_name(init)
         t0 = time.time()
         torch.manual_seed(args.seed)  # the random init is the same in every run
-        enc = Encoder(load_backbone(spec, args.arch)).to(args.device).eval()
+        enc = BackboneFeatures(load_backbone(spec, args.arch)).to(args.device).eval()
         results[name], extras[name] = measure_one(enc, args, imgs, lms, dicom, args.device)
         results[name]["seconds"]["total"] = round(time.time() - t0, 2)
         print(f"  {name}: {results[name]['seconds']}")

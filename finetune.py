@@ -1,6 +1,6 @@
 """
 Transfer a pretrained ResNet to downstream tasks: classification (ROC AUC), U-Net segmentation (Dice)
-and few-shot segmentation, with the authors' protocol (METHOD.md section 7) and honest statistics.
+and few-shot segmentation, with the authors' protocol (docs/METHOD.md §7) and honest statistics.
 
     python finetune.py --task phantom-heart --init adam:runs/adam --init random --shots 3,6,12,24 --runs 5
     python finetune.py --task chestxray14 --data-root data/chestxray14 --init moco:moco_v2.pth.tar --runs 3
@@ -37,10 +37,12 @@ import torchvision
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+import data_prep
+from adam import ARCHS, imagenet_normalise, load_checkpoint, write_atomic
+
 # -----------------------------------------------------------------------------
 # Loading pretrained backbones (shared with eve.py: keep the signature)
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 INIT_KINDS = ("adam", "moco", "torchvision", "imagenet", "timm", "xrv", "random")
 # Said when a file does not fit --arch, per form.
 INIT_HINTS = {
@@ -50,16 +52,6 @@ INIT_HINTS = {
            "DenseNets are pickled whole models, which weights_only loading refuses.",
     "imagenet": " The cached file does not hold torchvision's weights for this --arch: delete it to download again.",
 }
-
-
-def _torch_load(path):
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)  # never full pickle (METHOD.md 6)
-    except Exception as e:  # weights_only refuses arbitrary objects; say which file
-        raise ValueError(f"could not load {path} with torch.load(weights_only=True): {e}") from e
 
 
 def _resolve_adam_path(path, arch):
@@ -113,13 +105,12 @@ def _init_state(kind, path, arch):
         try:
             from safetensors.torch import load_file
         except ImportError:
-            raise ValueError(f"{path}: reading .safetensors needs the safetensors package (pip install "
-                             f"safetensors)") from None
+            raise ValueError(f"--init: reading {path} needs the safetensors package (pip install safetensors)") from None
         if not Path(path).is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
+            raise FileNotFoundError(f"--init: no checkpoint at {path}")
         obj = load_file(path)
     else:
-        obj = _torch_load(path)
+        obj = load_checkpoint(path, "--init")
     sd = _backbone_state(obj, path, arch)
     if kind == "xrv":
         sd = xrv_to_imagenet_input(sd, path)
@@ -144,13 +135,13 @@ def _imagenet_state(name, arch):
     return {k: v for k, v in sd.items() if not k.startswith("fc.")}, f"{file} ({weights})"
 
 
-# torchxrayvision's ResNets take one channel scaled to [-1024, 1024]: x' = 2048 g - 1024 for grey g in [0, 1]
-# (xrv.datasets.normalize). Our backbones take the grey image on 3 channels, ImageNet-normalised:
-# x_c = (g - mean_c) / std_c. With W_c = W' 2048 std_c / 3, sum_c W_c * x_c = 2048 W' * g - 2048 mean(mean_c) sum(W'),
-# which differs from W' * x' = 2048 W' * g - 1024 sum(W') by a constant per output channel, folded into bn1's
-# running mean. Exact wherever conv1's 7x7 window stays inside the image; in the 3-pixel border the zero padding
-# stands for g = 0.5 in xrv's input and g = mean_c in ours, so the border responses differ slightly.
 def xrv_to_imagenet_input(sd, path="xrv"):
+    """torchxrayvision's ResNets take one channel scaled to [-1024, 1024]: x' = 2048 g - 1024 for grey g in [0, 1]
+    (xrv.datasets.normalize). Our backbones take the grey image on 3 channels through imagenet_normalise:
+    x_c = (g - mean_c) / std_c. With W_c = W' 2048 std_c / 3, sum_c W_c * x_c = 2048 W' * g - 2048 mean(mean_c) sum(W'),
+    which differs from W' * x' = 2048 W' * g - 1024 sum(W') by a constant per output channel, folded into bn1's
+    running mean. Exact wherever conv1's 7x7 window stays inside the image; in the 3-pixel border the zero padding
+    stands for g = 0.5 in xrv's input and g = mean_c in ours, so the border responses differ slightly."""
     w1 = sd.get("conv1.weight")
     if w1 is None or w1.dim() != 4 or w1.shape[1] != 1:
         got = "no conv1.weight" if w1 is None else f"conv1.weight {tuple(w1.shape)}"
@@ -159,10 +150,11 @@ def xrv_to_imagenet_input(sd, path="xrv"):
     if "bn1.running_mean" not in sd:
         raise ValueError(f"xrv:{path}: no bn1.running_mean, so this is not a torchvision-layout ResNet."
                          f"{INIT_HINTS['xrv']}")
-    w1 = w1.double()
-    mean = torch.tensor(MEAN, dtype=torch.float64).view(1, 3, 1, 1)
-    std = torch.tensor(STD, dtype=torch.float64).view(1, 3, 1, 1)
-    sd = dict(sd)
+    f0 = imagenet_normalise(torch.zeros(1, 1, 1, dtype=torch.float64)).view(1, 3, 1, 1)  # -mean_c / std_c
+    f1 = imagenet_normalise(torch.ones(1, 1, 1, dtype=torch.float64)).view(1, 3, 1, 1)   # (1 - mean_c) / std_c
+    std = 1 / (f1 - f0)
+    mean = -f0 * std
+    w1, sd = w1.double(), dict(sd)
     sd["conv1.weight"] = (w1 * 2048 * std / 3).to(sd["conv1.weight"].dtype)
     offset = (2048 * mean.mean() - 1024) * w1.sum((1, 2, 3))           # desired - converted, per output channel
     sd["bn1.running_mean"] = (sd["bn1.running_mean"].double() - offset).to(sd["bn1.running_mean"].dtype)
@@ -241,28 +233,24 @@ def resolve_task(name):
                          f"{GENERIC_TASKS}")
     TASKS[name] = spec
     return spec
-# gpu = the authors' recipe (METHOD.md 7); cpu = small enough for the phantom on 2 cores in minutes.
+
+
+# gpu = the authors' recipe (docs/METHOD.md §7); cpu = small enough for the phantom on a laptop CPU in minutes.
 # The cpu preset also narrows the U-Net decoder 2x (smp's default is 256,128,64,32,16): the decoder starts
-# random for every init, and at 64 px it cost ~40% of a step on 2 cores (measured: 1.29 s -> 0.73 s per
-# batch-8 step, one thread, busy machine).
+# random for every init, and at 64 px its full width is a large share of a CPU step.
 PRESETS = {
     "gpu": dict(arch="resnet50", img_size=224, epochs=200, batch_size=32, decoder_channels="256,128,64,32,16"),
     "cpu": dict(arch="resnet18", img_size=64, epochs=30, batch_size=8, decoder_channels="128,64,32,16,8"),
 }
-LR = {"cls": 2e-4, "seg": 1e-3}  # METHOD.md 7: Adam lr 2e-4 (classification), 1e-3 (segmentation)
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+LR = {"cls": 2e-4, "seg": 1e-3}  # docs/METHOD.md §7: Adam lr 2e-4 (classification), 1e-3 (segmentation)
 
 
 def open_task_cache(task, root):
-    import data_prep  # the same code adam.py uses to read (and for the phantom, make) the data
     spec = resolve_task(task)
     if not (root or spec["root"]):
         raise ValueError(f"--task {task} works on any cache: pass it with --data-root")
     root = Path(root or spec["root"])
-    if spec["dataset"] == "phantom" and not (root / "meta.json").exists():
-        print(f"phantom set missing at {root}: generating it with data_prep.ensure_phantom", flush=True)
-        data_prep.ensure_phantom(root)
-    cache = data_prep.open_cache(root)
+    cache = data_prep.open_dataset(spec["dataset"], root)  # as adam.py opens it; a missing phantom is generated
     if spec["kind"] == "seg":
         have = list(cache.meta.get("structures", []))
         if cache.masks is None or not set(spec["structures"]) <= set(have):
@@ -292,16 +280,15 @@ class CacheDataset(torch.utils.data.Dataset):
         structures = list(cache.meta.get("structures", []))
         self.channels = [structures.index(s) for s in self.spec.get("structures", ())]
         S, R = img_size, int(round(img_size * 256 / 224))  # classification test: resize 256, crop 224
-        if self.spec["kind"] == "seg":  # our choice (the paper gives none); no flips: left != right (METHOD.md 3)
+        if self.spec["kind"] == "seg":  # our choice (the paper gives none); no flip: left != right (docs/METHOD.md §3)
             self.tf = (v2.Compose([v2.RandomResizedCrop(S, scale=(0.7, 1.0), ratio=(0.9, 1.1)),
                                    v2.RandomRotation(10)]) if mode == "train" else v2.Resize((S, S)))
-        elif mode == "train":  # METHOD.md 7: random resized crop, horizontal flip, rotation +-7
+        elif mode == "train":  # docs/METHOD.md §7: random resized crop, horizontal flip, rotation +-7
             self.tf = v2.Compose([v2.RandomResizedCrop(S), v2.RandomHorizontalFlip(), v2.RandomRotation(7)])
         elif mode == "val":  # one centre crop keeps validation cheap; the ten crops are for the test
             self.tf = v2.Compose([v2.Resize(R), v2.CenterCrop(S)])
         else:
             self.tf = v2.Compose([v2.Resize(R), v2.TenCrop(S)])
-        self.norm = v2.Normalize(MEAN, STD)
 
     def __len__(self):
         return len(self.rows)
@@ -321,14 +308,14 @@ class CacheDataset(torch.utils.data.Dataset):
     def __getitem__(self, j):
         i = self.rows[j]
         x = torch.from_numpy(np.array(self.cache.images[i]))
-        x = x.permute(2, 0, 1) if x.ndim == 3 else x[None].expand(3, -1, -1)  # grey -> 3 channels
+        x = x.permute(2, 0, 1) if x.ndim == 3 else x[None]  # C x H x W; imagenet_normalise makes grey 3 channels
         x = tv_tensors.Image(x.float() / 255)
         if self.spec["kind"] == "seg":
             m = torch.from_numpy(np.array(self.cache.masks[i, self.channels])).amax(0, keepdim=True)  # 1 x H x W
             x, m = self.tf(x, tv_tensors.Mask(m))
-            return self.norm(x), m.float()
+            return imagenet_normalise(x), m.float()
         x = self.tf(x)
-        x = torch.stack([self.norm(c) for c in x]) if self.mode == "test" else self.norm(x)  # 10 x 3 x S x S
+        x = imagenet_normalise(torch.stack(x) if self.mode == "test" else x)  # test: 10 x 3 x S x S
         return x, self.target(i)
 
 
@@ -350,6 +337,10 @@ def build_model(task, init, arch, num_outputs, decoder_channels=(256, 128, 64, 3
     if TASKS[task]["kind"] == "cls":
         return Classifier(backbone, num_outputs)
     import segmentation_models_pytorch as smp  # the U-Net the authors used; its ResNet encoders are torchvision's
+    if arch.startswith("wide_resnet"):  # smp lists no wide ResNets: its ResNet encoder with torchvision's widths
+        resnet = smp.encoders.encoders[arch.split("_")[1]]                    # resnet50 or resnet101
+        smp.encoders.encoders.setdefault(arch, {**resnet, "pretrained_settings": {},
+                                                "params": {**resnet["params"], "width_per_group": 128}})
     unet = smp.Unet(encoder_name=arch, encoder_weights=None, in_channels=3, classes=1,
                     decoder_channels=tuple(decoder_channels))
     unet.encoder.load_state_dict(backbone.state_dict())  # strict: same keys (no fc / avgpool)
@@ -411,21 +402,6 @@ def paired_test(a, b):
 # -----------------------------------------------------------------------------
 # One run: train with early stopping on validation loss, test the best epoch
 
-def write_atomic(path, write):
-    """write(tmp_path) then rename onto path: a reader sees the old file or the new one, never half of one.
-    Shared with eve.py. Returns str(path)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return str(path)
-
-
 def _loss_fn(task):
     spec = TASKS[task]
     if spec["kind"] == "seg":
@@ -452,7 +428,7 @@ def _test(model, loader, task, device, label_names):
         scores = [dice_score(model(x.to(device)) > 0, y.to(device) > 0.5).cpu() for x, y in loader]
         return dict(metric="dice", value=100 * float(torch.cat(scores).mean()))
     probs, targets = [], []
-    for x, y in loader:  # x: B x 10 x 3 x S x S, the ten crops averaged (METHOD.md 7)
+    for x, y in loader:  # x: B x 10 x 3 x S x S, the ten crops averaged (docs/METHOD.md §7)
         B = x.shape[0]
         logits = model(x.flatten(0, 1).to(device)).view(B, 10, -1)
         p = logits.softmax(-1) if spec["loss"] == "ce" else logits.sigmoid()
@@ -495,7 +471,7 @@ def run_one(args, cache, task, label, spec, shots, seed, log_prefix=""):
     lr = _config(args)["lr"]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr, foreach=True)  # foreach: one fused update, faster on CPU too
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=5)  # METHOD.md 7
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=5)  # docs/METHOD.md §7
     best, best_state, best_epoch, bad, epoch_times = math.inf, None, 0, 0, []
     for epoch in range(1, args.epochs + 1):
         te = time.time()
@@ -522,7 +498,7 @@ def run_one(args, cache, task, label, spec, shots, seed, log_prefix=""):
         print(f"{log_prefix}epoch {epoch}/{args.epochs} train {train_loss / max(n, 1):.4f} val {val:.4f} "
               f"best {best:.4f}@{best_epoch} lr {opt.param_groups[0]['lr']:.1e} {epoch_times[-1]:.1f}s "
               f"eta<={eta:.0f}s", flush=True)
-        if bad >= args.patience:  # METHOD.md 7: early stop after 10 epochs without improvement
+        if bad >= args.patience:  # docs/METHOD.md §7: early stop after 10 epochs without improvement
             break
     if best_state is None:  # validation loss was never finite: test the last epoch, and say so
         print(f"{log_prefix}warning: validation loss never finite; testing the last epoch", flush=True)
@@ -649,7 +625,7 @@ def get_args(argv=None):
                         "from the torch.hub cache or downloaded), timm:PATH, xrv:PATH (torchxrayvision ResNet) or "
                         "random, optionally NAME=SPEC; the first one is the reference of the paired test "
                         "(default: random)")
-    g.add_argument("--arch", default=None, choices=ARCHS, help="ResNet depth; must match the checkpoint "
+    g.add_argument("--arch", default=None, choices=ARCHS, help="backbone (adam.ARCHS); must match the checkpoint "
                    "(default: resnet50 on real data, resnet18 on phantoms)")
     g.add_argument("--freeze", action="store_true",
                    help="train only the head (linear probe) / the U-Net decoder; encoder weights and BN stay")
@@ -668,7 +644,7 @@ def get_args(argv=None):
     g.add_argument("--batch-size", type=int, default=None)
     g.add_argument("--lr", type=float, default=None, help="Adam lr (default 2e-4 classification, 1e-3 segmentation)")
     g.add_argument("--patience", type=int, default=10, help="early stop after this many epochs without a "
-                   "better validation loss (METHOD.md 7); ReduceLROnPlateau halves lr after 5")
+                   "better validation loss (docs/METHOD.md §7); ReduceLROnPlateau halves lr after 5")
     g.add_argument("--decoder-channels", default=None,
                    help="U-Net decoder widths, 5 comma-separated ints (gpu preset: smp's 256,128,64,32,16)")
     g.add_argument("--val-images", type=int, default=None, help="early-stop on the first N validation images "

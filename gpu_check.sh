@@ -1,106 +1,186 @@
 #!/usr/bin/env bash
-# GPU check of the fused op (issue 3 "Done when") and of training on a GPU, for a machine with its
-# own python3 (PyTorch cu13x), no network, no venv. Stages, run in the order given (default: all):
-#   env       nvidia-smi, versions, which tools exist
-#   build     setup.py build_ext --inplace for this GPU's arch only (incremental on a warm machine)
-#   test      tests/test_fused_op.py on CUDA (both kernels) + tests/test_cuda_emulated.py
-#   sanitize  compute-sanitizer memcheck and racecheck over the CUDA tests that launch the kernels
-#   bench     bench.py --device cuda --sweep, all paths (torch, loop, fused, fused_simple, fused_tc, torch_tf32)
-#   suite     the whole test suite
-#   train     ResNet-50, 224 px, paper preset (batch 256, K = 65536, bf16 autocast), level 4,
-#             20 steps through --loss fused / torch, fused --tf32 and --gpu-views; input pipeline timings
-# One device call runs at most 10 minutes and the machine is given back 30 s after a call, so use
-# three calls, each starting with `build` (seconds when the build survived, else about a minute):
-#   OUT=$OUT bash gpu_check.sh env build test sanitize
-#   OUT=$OUT bash gpu_check.sh build bench suite        (carry [".whl"] after `make gpu-wheels`)
-#   OUT=$OUT bash gpu_check.sh build train
-# Logs are written under $WORK (default /tmp/gpu_check) and packed into $OUT as summary.txt,
-# logs.tar.gz and BENCHMARKS_cuda.md (the device tool returns at most 8 files from $OUT).
-# The suite needs segmentation-models-pytorch and pydicom(-data), which the GPU image lacks: run
-# `make gpu-wheels` here first and carry .whl with the call; wheels in .whl/ are installed into
-# /tmp/site when present.
+# GPU evidence in ONE device call, most important first, with a deadline.
+#
+#   OUT=$OUT bash gpu_check.sh                 # on a GPU machine: every stage, stops cleanly before BUDGET s
+#   bash gpu_check.sh --dry-run                # here, on the CPU: the same stages at tiny shapes (CI runs it)
+#   bash gpu_check.sh [--dry-run] STAGE...     # only these stages, in this order
+#
+# Stages, in order of value:
+#   env       GPU, driver, python/torch versions, which tools exist
+#   build     setup.py build_ext --inplace for this GPU's arch only, all cores
+#   smoke     python -m adam_ext.selfcheck --scale full: every kernel variant (simple f32/f64/bf16/f16, tiled and
+#             tc at each D they serve, gradient term on and off, blocks that walk many bank tiles, the misaligned
+#             fallback, a NaN bank row) against float64 adam.info_nce; torch.profiler records the kernel that ran
+#   test      tests/test_fused_op.py on CUDA (every kernel; multi-tile shapes)
+#   sanitize  compute-sanitizer memcheck, racecheck, initcheck on selfcheck --scale small, only the op's kernels,
+#             PyTorch's caching allocator off (so an overrun into a neighbouring buffer is seen)
+#   bench     bench.py at its default shape, every path
+#   train     ResNet-50, 224 px, paper preset (batch 256, K = 65536, bf16 autocast), level 4, 30 steps on
+#             phantoms, --loss fused, --loss torch and --gpu-views; images/s per epoch from log.jsonl; then
+#             bench.py pipeline (the input pipeline alone) with the CPU workers and with --gpu-views
+#   sweep     bench.py --sweep with whatever time is left
+# Each step runs under min(its cap, deadline - now); a step with less than MIN_STEP s left is skipped and says so.
+# After every step $OUT holds summary.txt, logs.tar.gz, selfcheck.md/.json and BENCHMARKS_cuda.md (the table
+# for BENCHMARKS.md), so a call killed at its limit still returns what ran.
+# Environment: OUT (default gpu_out), WORK (default /tmp/gpu_check), BUDGET (s, default 540), PYTHON
+# (default python3), GIT_COMMIT (the commit under test, recorded in the summary; the device machine gets the
+# working tree without .git). Wheels in .whl/ are installed into /tmp/site first (the GPU image has no network).
 set -u
 cd "$(dirname "$0")"
+DRY=0
+STAGES=()
+for a in "$@"; do
+  case $a in
+  --dry-run) DRY=1 ;;
+  -h | --help) sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+  *) STAGES+=("$a") ;;
+  esac
+done
+[ ${#STAGES[@]} -gt 0 ] || STAGES=(env build smoke test sanitize bench train sweep)
 OUT=${OUT:-gpu_out}
 WORK=${WORK:-/tmp/gpu_check}
+BUDGET=${BUDGET:-540}
+MIN_STEP=${MIN_STEP:-15}
 mkdir -p "$OUT" "$WORK"
+: > "$WORK/summary.txt"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+T0=$SECONDS
+DEV=cuda
+[ $DRY = 1 ] && DEV=cpu
+
 say() { echo "== $*" | tee -a "$WORK/summary.txt"; }
-step() {  # step NAME TIMEOUT_S CMD... : CMD's output to $WORK/NAME.txt; records rc and seconds
-  local name=$1 limit=$2; shift 2
+left() { echo $((BUDGET - (SECONDS - T0))); }
+save() {  # after every step
+  cp "$WORK/summary.txt" "$OUT/summary.txt" 2>/dev/null
+  for f in BENCHMARKS_cuda.md selfcheck.md selfcheck.json; do [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/"; done
+  tar -C "$WORK" -czf "$OUT/logs.tar.gz" --exclude='phantom*' --exclude='run_*' . 2>/dev/null
+}
+step() {  # step NAME CAP CMD...: CMD's output to $WORK/NAME.txt under min(CAP, time left); records rc and seconds
+  local name=$1 cap=$2; shift 2
+  local limit=$(( cap < $(left) - 5 ? cap : $(left) - 5 ))
+  if [ "$limit" -lt "$MIN_STEP" ]; then
+    say "$name: skipped (out of time: $(left) s left of $BUDGET)"
+    return 0
+  fi
   local t0=$SECONDS
-  timeout -k 10 "$limit" "$@" > "$WORK/$name.txt" 2>&1
+  timeout -k 5 "$limit" "$@" > "$WORK/$name.txt" 2>&1
   local rc=$?
   say "$name: rc=$rc, $((SECONDS - t0)) s$([ $rc = 124 ] && echo " (timed out after $limit s)")"
   tail -n 3 "$WORK/$name.txt" | sed 's/^/   /' | tee -a "$WORK/summary.txt"
   save
   return $rc
 }
-save() {  # after every step, so that a call killed at its time limit still returns what ran
-  cp "$WORK/summary.txt" "$OUT/summary.txt" 2>/dev/null
-  [ -f "$WORK/BENCHMARKS_cuda.md" ] && cp "$WORK/BENCHMARKS_cuda.md" "$OUT/"
-  tar -C "$WORK" -czf "$OUT/logs.tar.gz" --exclude='phantom*' --exclude='run_*' . 2>/dev/null
-}
+skip() { say "$1: skipped ($2)"; }
 trap 'save; echo; cat "$WORK/summary.txt"' EXIT
 
 if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-# Only the GPU at hand (sm_90 on H100/H200) unless the caller says otherwise: halves the build.
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
 CS=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
-STAGES=${*:-env build test sanitize bench suite train}
-say "gpu_check $(date -u '+%F %T') commit $(git rev-parse --short HEAD 2>/dev/null || echo '?') stages: $STAGES"
+say "gpu_check $(date -u '+%F %T UTC') commit ${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo '?')}" \
+    "$([ $DRY = 1 ] && echo 'DRY RUN on CPU ')budget ${BUDGET} s, stages: ${STAGES[*]}"
 
-for stage in $STAGES; do
+# Phantoms for the train stage, made in the background while the build runs (CPU-bound, all cores).
+PHANTOM=$WORK/phantom
+if [[ " ${STAGES[*]} " == *" train "* ]] && [ ! -f "$PHANTOM/meta.json" ]; then
+  if [ $DRY = 1 ]; then
+    $PY data_prep.py phantom --num-images 48 --size 64 --out "$PHANTOM" --workers 1 > "$WORK/phantom.txt" 2>&1 &
+  else
+    $PY data_prep.py phantom --num-images 4000 --size 256 --out "$PHANTOM" > "$WORK/phantom.txt" 2>&1 &
+  fi
+  PHANTOM_PID=$!
+fi
+
+for stage in "${STAGES[@]}"; do
   case $stage in
   env)
-    nvidia-smi > "$WORK/nvidia-smi.txt" 2>&1
-    $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')" 2>&1 | tee -a "$WORK/summary.txt"
-    for tool in nvcc compute-sanitizer ncu g++; do echo "$tool: $(command -v $tool || echo missing)"; done | tee -a "$WORK/summary.txt"
+    if [ $DRY = 1 ]; then skip nvidia-smi "dry run: no GPU"; else nvidia-smi > "$WORK/nvidia-smi.txt" 2>&1; fi
+    $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda,
+        *((torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')
+          if torch.cuda.is_available() else ('no GPU',)))" 2>&1 | tee -a "$WORK/summary.txt"
+    for tool in nvcc compute-sanitizer g++; do echo "$tool: $(command -v $tool || echo missing)"; done | tee -a "$WORK/summary.txt"
     ;;
   build)
-    # Always, in place (adam_ext/_C*.so; the repo root is on sys.path of every command here): on a
-    # machine kept warm between calls, ninja recompiles only what changed (pip install -e builds
-    # in a fresh temporary folder every time, so it is only the fallback).
-    step build 300 $PY setup.py build_ext --inplace \
-      || step build_pip 300 $PY -m pip install --no-build-isolation --no-deps -e . \
-      || { say "BUILD FAILED, see build*.txt"; exit 1; }
-    $PY -c "import adam_ext; print('adam_ext', adam_ext.build_info())" 2>&1 | tee -a "$WORK/summary.txt"
+    if [ $DRY = 1 ]; then
+      # The dry run uses the op as installed (CI built it with the CUDA kernels when nvcc is there).
+      step build 60 $PY -c "import adam_ext; print('adam_ext', adam_ext.build_info())"
+    else
+      # In place (adam_ext/_C*.so; the repo root is on sys.path of every command here), this GPU's arch only.
+      export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
+      export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+      step build 300 $PY setup.py build_ext --inplace || { say "BUILD FAILED, see build.txt"; exit 1; }
+      $PY -c "import adam_ext; print('adam_ext', adam_ext.build_info())" 2>&1 | tee -a "$WORK/summary.txt"
+    fi
+    ;;
+  smoke)
+    step smoke 120 $PY -m adam_ext --device $DEV --scale full --json "$WORK/selfcheck.json" --md "$WORK/selfcheck.md"
     ;;
   test)
-    step test 150 $PY -m pytest tests/test_fused_op.py tests/test_cuda_emulated.py -q -rs
+    if [ $DRY = 1 ]; then skip test "dry run: the CUDA tests need a GPU (CI runs the CPU ones)"; else
+      step test 150 $PY -m pytest tests/test_fused_op.py -q -rs
+    fi
     ;;
   sanitize)
-    # Only the CUDA tests that launch the kernels (compile/opcheck: slow and CPU-side).
-    SEL="cuda and (matches_reference or bulk or low_precision or large_d or kernel_choice or no_grad or tf32)"
-    step memcheck 180 "$CS" --tool memcheck --error-exitcode 1 $PY -m pytest tests/test_fused_op.py -q -x -k "$SEL"
-    step racecheck 180 "$CS" --tool racecheck --error-exitcode 1 $PY -m pytest tests/test_fused_op.py -q -x -k "$SEL"
+    if [ $DRY = 1 ]; then skip sanitize "dry run: compute-sanitizer needs a GPU"; else
+      # Only the op's kernels are instrumented (the filter), so torch's own launches run at full speed.
+      FILTER="--kernel-name kns=info_nce"
+      "$CS" --help 2>/dev/null | grep -q -- "--kernel-name" || FILTER="--filter kns=info_nce"
+      # memcheck: every variant (small shapes). racecheck tracks every shared-memory access and initcheck all
+      # device memory: one multi-tile case per kernel. initcheck without the host-API check, which would flag
+      # copies of tensors that uninstrumented (filtered-out) torch kernels wrote.
+      for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
+        case $tool in
+        memcheck) scale=small; extra="" ;;
+        initcheck) scale=sanitize; extra="--check-api-memory-access no" ;;
+        *) scale=sanitize; extra="" ;;
+        esac
+        step "$tool" 120 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$CS" --tool $tool $FILTER $extra --error-exitcode 1 \
+          $PY -m adam_ext --device cuda --scale $scale --no-profile
+      done
+    fi
     ;;
   bench)
-    step bench 400 $PY bench.py --device cuda --sweep --paths torch,loop,fused,fused_simple,fused_tc,torch_tf32 --md "$WORK/BENCHMARKS_cuda.md"
-    ;;
-  suite)
-    step suite 400 $PY -m pytest tests -q -rs
+    if [ $DRY = 1 ]; then
+      step bench 120 $PY bench.py --device cpu --shape 16,64,2048 --repeats 1 --no-mem --md "$WORK/BENCHMARKS_cpu_dry.md"
+    else
+      step bench 150 $PY bench.py --device cuda --paths torch,loop,fused,fused_simple,fused_tc,torch_tf32 --md "$WORK/BENCHMARKS_cuda.md"
+    fi
     ;;
   train)
-    # Same seed and data for every run; images/s is in each log's progress lines.
-    [ -f "$WORK/phantom/meta.json" ] || step data_prep 200 $PY data_prep.py phantom --num-images 8000 --size 256 --out "$WORK/phantom"
-    TRAIN="$PY adam.py --data phantom --data-root $WORK/phantom --preset paper --device cuda --levels 4 --workers 12"
-    for loss in fused torch; do
-      step "train_$loss" 150 $TRAIN --epochs 1 --steps-per-epoch 20 --print-freq 5 --loss "$loss" --out "$WORK/run_$loss"
+    [ -n "${PHANTOM_PID:-}" ] && { wait "$PHANTOM_PID"; say "phantom: $(tail -c 200 "$WORK/phantom.txt" | tr '\r' '\n' | tail -n 1)"; }
+    if [ $DRY = 1 ]; then
+      TRAIN="$PY adam.py --data $PHANTOM --arch resnet18 --img-size 32 --batch-size 8 --queue-size 64 --levels 2
+             --epochs 1 --steps-per-epoch 2 --workers 0 --device cpu --val-steps 1 --print-freq 1"
+    else
+      # 4000 phantoms: 2800 train images = 10 steps of 256 per epoch; 3 epochs; one validation batch each.
+      TRAIN="$PY adam.py --data $PHANTOM --preset paper --device cuda --levels 4 --workers 12
+             --epochs 3 --steps-per-epoch 10 --print-freq 5 --val-steps 1"
+    fi
+    for run in fused torch gpu_views; do
+      rm -rf "$WORK/run_$run"
+      flags="--loss $run"
+      [ $run = gpu_views ] && flags="--loss fused --gpu-views"
+      step "train_$run" 150 $TRAIN $flags --out "$WORK/run_$run"
+      [ -f "$WORK/run_$run/log.jsonl" ] && cp "$WORK/run_$run/log.jsonl" "$WORK/train_${run}_log.jsonl" \
+        && sed 's/^/   /' "$WORK/run_$run/log.jsonl" | tee -a "$WORK/summary.txt"
     done
-    step train_fused_tf32 150 $TRAIN --epochs 1 --steps-per-epoch 20 --print-freq 5 --loss fused --tf32 --out "$WORK/run_tf32"
-    step train_fused_gpu_views 150 $TRAIN --epochs 1 --steps-per-epoch 20 --print-freq 5 --gpu-views --out "$WORK/run_gpu_views"
-    step time_data_workers 100 $TRAIN --time-data 20
-    step time_data_gpu_views 100 $TRAIN --time-data 20 --gpu-views
-    grep -h "img/s\|images/s" "$WORK"/train_*.txt "$WORK"/time_data_*.txt | tee -a "$WORK/summary.txt"
+    # The input pipeline alone (no model): the CPU workers' views against BatchViews on the device.
+    PIPE="$PY bench.py pipeline --batches $([ $DRY = 1 ] && echo 2 || echo 20) ${TRAIN#"$PY adam.py"}"
+    step pipeline_workers 100 $PIPE
+    step pipeline_gpu_views 100 $PIPE --gpu-views
+    save
+    ;;
+  sweep)
+    if [ $DRY = 1 ]; then skip sweep "dry run: the sweep's shapes are GPU-sized"; else
+      step sweep 600 $PY bench.py --device cuda --sweep --paths torch,fused,fused_simple,fused_tc,torch_tf32 --md "$WORK/BENCHMARKS_cuda_sweep.md"
+      [ -f "$WORK/BENCHMARKS_cuda_sweep.md" ] && cat "$WORK/BENCHMARKS_cuda_sweep.md" >> "$WORK/BENCHMARKS_cuda.md"
+    fi
     ;;
   *)
-    say "unknown stage '$stage' (env build test sanitize bench suite train)"; exit 2
+    say "unknown stage '$stage' (env build smoke test sanitize bench train sweep)"; exit 2
     ;;
   esac
 done
-say "done"
+say "done in $((SECONDS - T0)) s"

@@ -1,10 +1,11 @@
-"""adam_ext: the fused purposive-pruning + InfoNCE op (METHOD.md §4), CPU and CUDA.
+"""adam_ext: the fused purposive-pruning + InfoNCE op (docs/METHOD.md §4), CPU and CUDA.
 
     import adam_ext
     loss = adam_ext.info_nce(q, k, queue, temperature=0.2, threshold=0.8)
     loss, pruned_fraction = adam_ext.info_nce(q, k, queue, 0.2, 0.8, return_pruned=True)
 
-Same contract as the readable reference `adam.info_nce` (tests/test_fused_op.py compares them).
+Same contract as the readable reference `adam.info_nce` (tests/test_fused_op.py compares them;
+`adam_ext.choose_path`, which adam.py calls, compares them again on the device before training).
 The compiled library comes from `pip install --no-build-isolation -e .` (adam_ext._C). People
 editing csrc/ can set ADAM_EXT_JIT=1 to compile it on import with ninja instead (load_jit()).
 """
@@ -49,6 +50,7 @@ else:
         _lib_error = e
 
 from .ops import _register, info_nce  # noqa: E402
+from .selfcheck import FusedOpError, choose_path, self_check  # noqa: E402
 
 _register()
 
@@ -69,4 +71,4 @@ def build_info():
     return torch.ops.adam.build_info().replace("_sm_", ",sm_")
 
 
-__all__ = ["info_nce", "is_built", "build_info", "load_jit"]
+__all__ = ["info_nce", "is_built", "build_info", "load_jit", "self_check", "choose_path", "FusedOpError"]

@@ -2,7 +2,7 @@
 
 The C++ op adam::info_nce_fwd (csrc/info_nce.cpp, csrc/info_nce_cuda.cu) returns per anchor
     loss_i = lse_i - x0_i,  lse_i,  n_pruned_i,  pb_i = sum_{kept j} p_ij b_j   (B, B, B, B x D)
-and the backward (METHOD.md §4, "Gradients") needs only those, O(B x D), no second bank pass:
+and the backward (docs/METHOD.md §4, "Gradients") needs only those, O(B x D), no second bank pass:
     p_i0 = exp(x0_i - lse_i) = exp(-loss_i)
     dL/dq_i = g_i ((p_i0 - 1) k_i + pb_i) / T,     dL/dk_i = g_i (p_i0 - 1) q_i / T.
 The pruning mask is piecewise constant in q, so it contributes no gradient (as in the reference).
@@ -15,7 +15,7 @@ _registered = False  # set by _register() once the compiled library is loaded
 
 
 def info_nce(q, k, queue, temperature, threshold, return_pruned=False):
-    """Fused purposive pruning + InfoNCE: same contract as adam.info_nce (METHOD.md §4).
+    """Fused purposive pruning + InfoNCE: same contract as adam.info_nce (docs/METHOD.md §4).
 
     q, k: (B, D) anchors and positive keys, queue: (K, D) bank; all L2-normalised, same dtype
     (float32, float64, bfloat16, float16) and device. Entry j is kept for anchor i iff
@@ -27,6 +27,9 @@ def info_nce(q, k, queue, temperature, threshold, return_pruned=False):
     if not _registered:
         raise RuntimeError("adam_ext: the compiled op is not built; run "
                            "`pip install --no-build-isolation -e .` in the repo root (or set ADAM_EXT_JIT=1)")
+    if not (q.device == k.device == queue.device):  # before dispatch: it picks one device's kernel for all
+        raise RuntimeError(f"adam::info_nce: q, k and queue must be on one device; q is on {q.device}, "
+                           f"k on {k.device}, queue is on {queue.device}")
     t = math.inf if threshold is None else float(threshold)
     # The queue is never copied (a (K, D) copy is what the op exists to avoid); q and k are small.
     q, k = q.contiguous(), k.contiguous()

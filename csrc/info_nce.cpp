@@ -1,12 +1,18 @@
-// Fused purposive pruning + masked InfoNCE (METHOD.md §4), CPU kernel and op registration.
+// Fused purposive pruning + masked InfoNCE (docs/METHOD.md §4), CPU kernel and op registration.
+//
+// This is the FAST path. The readable reference is `info_nce` in adam.py (a dozen lines of
+// PyTorch that build the B x K score matrix); every kernel here and in info_nce_kernels.cuh is
+// tested against it (tests/test_fused_op.py, tests/test_cuda_emulated.py) and checked again on
+// each device at the start of training (adam_ext/selfcheck.py). Read that one to learn the method.
 //
 // For anchor i with query q_i, positive key k_i and bank rows b_j (queue, K x D):
 //   x0_i  = q_i.k_i / T                       positive logit, always kept
 //   s_ij  = q_i.b_j                           cosine to bank entry j
-//   keep j iff s_ij < t                        (t = +inf: no pruning; the literal rule everywhere)
+//   keep j unless s_ij >= t                   (t = +inf: no pruning). Written as !(s >= t), not s < t,
+//                                             so a NaN score is kept and makes the loss NaN, as in adam.info_nce
 //   lse_i = log( exp(x0_i) + sum_{kept j} exp(s_ij / T) )
 //   L_i   = lse_i - x0_i
-// and, for the backward (METHOD.md §4, "Gradients"), the attention-like output
+// and, for the backward (docs/METHOD.md §4, "Gradients"), the attention-like output
 //   pb_i  = sum_{kept j} p_ij b_j,  p_ij = exp(s_ij / T - lse_i).
 // Then dL_i/dq_i = ((p_i0 - 1) k_i + pb_i) / T and dL_i/dk_i = (p_i0 - 1) q_i / T with
 // p_i0 = exp(x0_i - lse_i) = exp(-L_i): the backward (adam_ext/ops.py) is O(B x D) and never
@@ -84,9 +90,9 @@ void fwd_cpu_impl(const at::Tensor& qa, const at::Tensor& queue, const at::Tenso
           acc_t* row = Sp + i * n;
           acc_t mt = ninf;
           int64_t pruned = 0;
-          for (int64_t j = 0; j < n; ++j) {  // mask (keep iff s < t) and scale by 1/T
+          for (int64_t j = 0; j < n; ++j) {  // mask (keep unless s >= t; NaN kept) and scale by 1/T
             const acc_t sij = row[j];
-            if (sij < ta) {
+            if (!(sij >= ta)) {
               const acc_t x = sij / Ta;
               row[j] = x;
               mt = std::max(mt, x);

@@ -9,6 +9,7 @@
 //   tiled  (fp32 FMA) for the other float32/bf16 inputs with D in {64, 128, 256};
 //   simple for the rest (float64, float16, other D, misaligned pointers).
 // Forcing tc runs it for float32 even where torch's setting says "highest".
+// ADAM_INFO_NCE_CUDA_SMS (below) changes only how the bank is split, never the result's math.
 // Only light headers: c10/cuda for the stream and the device guard (ATen/cuda/CUDAContext.h
 // pulls cuBLAS headers that a bare toolkit may lack); ATen/Context.h for the TF32 setting.
 #include "info_nce.h"
@@ -45,6 +46,19 @@ std::string kernel_choice() {
   return s;
 }
 
+// ADAM_INFO_NCE_CUDA_SMS = N plans the bank split as if the GPU had N multiprocessors (unset or 0:
+// the real count). With a small N every block walks many bank tiles even on a small bank, which is
+// how the tests and the compute-sanitizer run reach the cross-tile rescale and the barriers that
+// guard a bank tile without a large input.
+int64_t planned_sms(int64_t real) {
+  const char* v = std::getenv("ADAM_INFO_NCE_CUDA_SMS");
+  if (!v || !*v) return real;
+  char* end = nullptr;
+  const long long n = std::strtoll(v, &end, 10);
+  TORCH_CHECK(end && *end == '\0' && n >= 0, "adam::info_nce: ADAM_INFO_NCE_CUDA_SMS must be a count >= 0, got '", v, "'");
+  return n == 0 ? real : n;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_fwd_cuda(
@@ -77,15 +91,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_fwd_cuda(
   const bool tc_ok = fast_dtype && tc::supports(D) && tc::smem_bytes(D) <= smem_optin && major >= 8;
   const std::string choice = kernel_choice();
   TORCH_CHECK(choice != "tiled" || tiled_ok, "adam::info_nce: ADAM_INFO_NCE_CUDA_KERNEL=tiled needs float32 or "
-              "bfloat16 inputs with D in {64, 128, 256} and 16-byte aligned q and queue; got ", dt, ", D = ", D);
+              "bfloat16 inputs with D in {64, 128, 256} and 16-byte aligned q and queue; got ", dtype_str(dt), ", D = ", D);
   TORCH_CHECK(choice != "tc" || tc_ok, "adam::info_nce: ADAM_INFO_NCE_CUDA_KERNEL=tc needs float32 or bfloat16 "
-              "inputs with D in {64, 128}, 16-byte aligned q and queue, and an sm_80+ GPU; got ", dt, ", D = ", D);
+              "inputs with D in {64, 128}, 16-byte aligned q and queue, and an sm_80+ GPU; got ", dtype_str(dt), ", D = ", D);
   const bool tf32_allowed = dt == at::kBFloat16 || at::globalContext().allowTF32CuBLAS();
   Kernel kind = Kernel::SIMPLE;
   if (choice == "tc" || (choice == "auto" && tc_ok && tf32_allowed)) kind = Kernel::TC;
   else if (choice == "tiled" || (choice == "auto" && tiled_ok)) kind = Kernel::TILED;
 
-  const Plan pl = plan(kind, B, D, K, sms);
+  const Plan pl = plan(kind, B, D, K, planned_sms(sms));
   TORCH_CHECK(kind != Kernel::SIMPLE || pl.row_tiles <= 65535, "adam::info_nce: B = ", B,
               " anchors is more than the simple kernel's grid allows");
   const int64_t nsplit = pl.nsplit;

@@ -128,8 +128,8 @@ __global__ void __launch_bounds__(simple::NT)
       const int r = warp + h * WARPS;
       const bool valid = lane < BN && jt + lane < j_end;
       const acc_t s = valid ? ss[r * BN + lane] : acc_t(0);
-      const bool kept = valid && s < t;  // purposive pruning: keep iff s_ij < t
-      cnt[h] += __popc(__ballot_sync(0xffffffffu, valid && !(s < t)));
+      const bool kept = valid && !(s >= t);  // purposive pruning: drop iff s_ij >= t (NaN kept)
+      cnt[h] += __popc(__ballot_sync(0xffffffffu, valid && s >= t));
       const acc_t x = kept ? s / T : ninf;
       const acc_t m_new = fmax(m_run[h], warp_max(x));
       const acc_t sub = m_new == ninf ? acc_t(0) : m_new;  // nothing kept yet: avoid inf - inf
@@ -186,7 +186,8 @@ inline int min_blocks(int64_t D) { return D <= 128 ? 2 : 1; }  // what __launch_
 // One bank tile of one anchor's online log-sum-exp, shared by the tiled and tc kernels. The row's
 // scores s_ij are spread over LANES threads (lanes differing in their low log2(LANES) bits), N
 // per thread in x; valid[n] says whether x[n] is a real bank row. Applies the purposive pruner
-// (keep iff s_ij < t; METHOD.md §4), counts what it prunes, turns x into p = exp(s_ij/T - m_new)
+// (drop iff s_ij >= t, so a NaN score is kept and poisons the sum as in the reference;
+// docs/METHOD.md §4), counts what it prunes, turns x into p = exp(s_ij/T - m_new)
 // (0 for pruned and padding), folds the tile into (m_run, l_run) and returns the factor
 // exp(m_old - m_new) by which the row's running sum of p b must be rescaled.
 template <int N, int LANES>
@@ -196,7 +197,7 @@ __device__ __forceinline__ float lse_tile(float (&x)[N], const bool (&valid)[N],
   float mx = ninf;
 #pragma unroll
   for (int n = 0; n < N; ++n) {
-    const bool kept = valid[n] && x[n] < t;
+    const bool kept = valid[n] && !(x[n] >= t);
     cnt += (valid[n] && !kept) ? 1 : 0;
     x[n] = kept ? x[n] / T : ninf;
     mx = fmax(mx, x[n]);

@@ -1,4 +1,5 @@
-"""Tests of adam.py: decomposer, loss (against a brute-force loop), EMA, bank, stages, resume, DDP, export."""
+"""Tests of adam.py: decomposer, loss (against bench.loop_info_nce, brute force), EMA, bank, stages, resume, DDP,
+export."""
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 import torchvision
 
 import adam
+from bench import loop_info_nce  # the brute-force reference: docs/METHOD.md §4 one anchor at a time
 from conftest import ROOT, TINY_RUN
 
 
@@ -52,20 +54,6 @@ def test_too_small_image_is_refused():
 
 # ---- Purposive Pruner + InfoNCE -----------------------------------------------------------------
 
-def loop_info_nce(q, k, queue, tau, t):
-    """Brute force, float64, one anchor at a time: the formula of METHOD.md §4 as written."""
-    losses = []
-    for i in range(q.shape[0]):
-        terms = [torch.dot(q[i], k[i]) / tau]
-        for j in range(queue.shape[0]):
-            s = torch.dot(q[i], queue[j])
-            if t is None or s < t:
-                terms.append(s / tau)
-        terms = torch.stack(terms)
-        losses.append(-(terms[0] - torch.logsumexp(terms, 0)))
-    return torch.stack(losses).mean()
-
-
 def random_inputs(B, K, D, seed, near_duplicates=0):
     g = torch.Generator().manual_seed(seed)
     q = F.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=1)
@@ -99,7 +87,7 @@ def test_info_nce_matches_loop_values_and_gradients(threshold, expect_pruned):
 
 
 def test_info_nce_gradient_is_the_closed_form():
-    """dL/dq_i = ((p_i0 - 1) k_i + sum_j p_ij b_j) / (tau B), METHOD.md §4 (mean over B anchors)."""
+    """dL/dq_i = ((p_i0 - 1) k_i + sum_j p_ij b_j) / (tau B), docs/METHOD.md §4 (mean over B anchors)."""
     B, K, D, tau, t = 4, 23, 8, 0.2, 0.3
     q, k, queue = random_inputs(B, K, D, seed=3, near_duplicates=2)
     q.requires_grad_()

@@ -119,7 +119,7 @@ def test_compositionality_affine_encoder_known_value(n):
     np.testing.assert_allclose(pad, want, atol=1e-5)
     res = eve.compositionality(f, imgs, img_size=S, parts=(n,), num=6, mode="resize")[n]
     np.testing.assert_allclose(res, 1.0, atol=1e-5)
-    s = eve.summarise(pad)
+    s = eve.describe(pad)
     assert s["q25"] <= s["median"] <= s["q75"] and s["n"] == 6
 
 
@@ -153,7 +153,7 @@ def flat_pixels(x):  # B x 1 x S x S -> B x S*S: distinct patches give distinct 
 @pytest.mark.parametrize("mode", ["patch", "map"])
 def test_zero_transform_is_perfect_correspondence(mode):
     torch.manual_seed(0)
-    enc = eve.Encoder(torchvision.models.resnet18()).eval() if mode == "map" else flat_pixels
+    enc = eve.BackboneFeatures(torchvision.models.resnet18()).eval() if mode == "map" else flat_pixels
     a = texture(64)
     G = 4
     T = eve.affine(64, 64)  # identity

@@ -17,8 +17,8 @@ ARCH = "resnet18"
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """The workloads here are tiny; on a busy 2-core runner two OpenMP threads stalled each other (the same
-    2-epoch run measured 0.2 s and 5-8 s per epoch), one thread does not."""
+    """The workloads here are tiny: on a small shared CPU two OpenMP threads can stall each other many times
+    over the work itself; one thread does not."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -98,6 +98,28 @@ def test_real_adam_run_forms_agree(tiny_adam_run):
         assert all(torch.equal(a[k], b[k]) for k in a), spec
     level0 = finetune.load_backbone(f"adam:{run / 'adam_resnet18_level0.pth'}", ARCH).state_dict()
     assert not torch.equal(level0["conv1.weight"], a["conv1.weight"])  # the level-2 stage did train
+
+
+def test_every_script_accepts_the_same_archs(tmp_path):
+    """adam.ARCHS is the one list: adam.py, finetune.py and eve.py accept each entry, the wide ResNets
+    included (for segmentation too: a U-Net on a wide ResNet-50 encoder runs), and refuse anything else."""
+    import adam
+    import eve
+    for arch in adam.ARCHS:
+        assert adam.parse_args(["--arch", arch]).arch == arch
+        assert finetune.get_args(["--task", "phantom-heart", "--arch", arch]).arch == arch
+        assert eve.get_args(["--arch", arch]).arch == arch
+    for parse in (adam.parse_args, eve.get_args, lambda a: finetune.get_args(["--task", "phantom-heart", *a])):
+        with pytest.raises(SystemExit):
+            parse(["--arch", "resnext50_32x4d"])
+    torch.manual_seed(0)
+    backbone = torchvision.models.wide_resnet50_2()
+    torch.save(backbone.state_dict(), tmp_path / "wide.pth")
+    unet = finetune.build_model("phantom-heart", f"torchvision:{tmp_path / 'wide.pth'}", "wide_resnet50_2", 1,
+                                decoder_channels=(16, 16, 16, 16, 16)).eval()
+    assert torch.equal(unet.encoder.layer4[2].conv2.weight, backbone.layer4[2].conv2.weight)
+    with torch.no_grad():
+        assert unet(torch.rand(1, 3, 64, 64)).shape == (1, 1, 64, 64)
 
 
 def test_incomplete_or_wrong_checkpoints_are_refused(tmp_path, reference):

@@ -1,4 +1,4 @@
-"""The fused op (adam_ext, csrc/) against the readable reference adam.info_nce (METHOD.md §4).
+"""The fused op (adam_ext, csrc/) against the readable reference adam.info_nce (docs/METHOD.md §4).
 
 Tolerances. float32: both sides compute the same fp32 dot products and log-sum-exps, in different
 orders (GEMM blocking and an online, split log-sum-exp versus one logsumexp over B x (1+K)), so
@@ -276,3 +276,57 @@ def test_tf32_mode_runs_the_tc_kernel(monkeypatch, B, D, K, case, kernel):
 
     torch.testing.assert_close(lse.double().cpu(), tc_lse_reference(q.cpu(), k.cpu(), bank.cpu(), 0.2, t),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("t", [None, 0.8])
+def test_nan_bank_row_propagates_like_the_reference(device, t):
+    """A NaN bank entry is not "similar" to anything: the reference keeps it (NaN >= t is false) and
+    its loss is NaN; the op must say NaN too, not train on as if the entry had been pruned, and must
+    not count it as pruned (with t = None nothing is pruned at all)."""
+    q, k, bank = make(11, 64, 500, device=device, planted=11, seed=31)
+    bank[250] = math.nan
+    (l0, p0, _, _), (l1, p1, _, _) = both(q, k, bank, 0.2, t)
+    assert math.isnan(float(l0)) and math.isnan(float(l1))
+    assert p1 == pytest.approx(p0, abs=1e-7) and p1 == pytest.approx(0.0 if t is None else 11 / (11 * 500))
+
+
+# Blocks that walk many bank tiles: at the real SM count (the benchmark's shape and a B that is not a
+# multiple of the 64-anchor tile; on a 132-SM GPU the tiled and tc blocks walk 8 and 3 tiles), and
+# with ADAM_INFO_NCE_CUDA_SMS=2 on a small bank (few blocks, dozens of tiles each, on any GPU). This
+# is where the cross-tile rescale of the running sum and the barrier before the next bank tile act.
+@needs_cuda
+@pytest.mark.parametrize("B,D,K,sms", [(256, 128, 65536, 0), (70, 64, 40000, 0), (70, 64, 6000, 2), (130, 128, 9000, 2)])
+@pytest.mark.parametrize("kernel", ["simple", "tiled", "tc"])
+def test_cuda_blocks_walking_many_bank_tiles(monkeypatch, B, D, K, sms, kernel):
+    monkeypatch.setenv("ADAM_INFO_NCE_CUDA_KERNEL", kernel)
+    monkeypatch.setenv("ADAM_INFO_NCE_CUDA_SMS", str(sms))
+    q, k, bank = make(B, D, K, device="cuda", planted=3 * B, seed=B + K + sms)
+    bank = bank[torch.randperm(K, device="cuda")]  # the planted rows spread over tiles and splits
+    q64, k64, b64 = (x.double().cpu() for x in (q, k, bank))
+    q64.requires_grad_()
+    ref, pruned_ref = adam.info_nce(q64, k64, b64, 0.2, 0.8, return_pruned=True)
+    dref, = torch.autograd.grad(ref, q64)
+    q1 = q.clone().requires_grad_()
+    loss, pruned = adam_ext.info_nce(q1, k, bank, 0.2, 0.8, return_pruned=True)
+    dq, = torch.autograd.grad(loss, q1)
+    with torch.no_grad():
+        loss_nograd = adam_ext.info_nce(q, k, bank, 0.2, 0.8)
+    dq = dq.double().cpu()
+    if kernel == "tc":  # TF32 bounds, derived in test_cuda_emulated.py
+        assert abs(float(loss.detach()) - float(ref.detach())) <= 2.0**-10 / 0.2
+        assert float((dq - dref).norm()) <= 2e-3 * float(dref.norm())
+    else:
+        torch.testing.assert_close(loss.detach().double().cpu(), ref.detach(), **TOL[torch.float32])
+        torch.testing.assert_close(dq, dref, **GTOL[torch.float32])
+    torch.testing.assert_close(loss_nograd, loss.detach(), rtol=0, atol=0)  # need_pb changes nothing else
+    assert float(pruned) == pytest.approx(float(pruned_ref), abs=1e-7)
+    assert float(pruned) == pytest.approx(3 * B / (B * K), abs=1e-7)
+
+
+@needs_cuda
+def test_cuda_sms_override_is_checked(monkeypatch):
+    q, k, bank = make(5, 64, 300, device="cuda", seed=37)
+    monkeypatch.setenv("ADAM_INFO_NCE_CUDA_SMS", "two")
+    with pytest.raises(RuntimeError, match="ADAM_INFO_NCE_CUDA_SMS must be a count"):
+        adam_ext.info_nce(q, k, bank, 0.2, 0.8)

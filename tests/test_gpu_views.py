@@ -1,4 +1,4 @@
-"""BatchViews (--gpu-views, adam.py section 3) against its readable reference, torchvision's per-sample
+"""gpu_views.BatchViews (adam.py --gpu-views) against its readable reference, torchvision's per-sample
 transforms as AdamViews uses them: each step with forced parameters, then the random parameters' statistics,
 determinism and the output contract."""
 import math
@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 import adam
-
-
+import gpu_views
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -41,7 +40,7 @@ def test_crop_matches_resized_crop():
     top, left, i, j, h, w = 30, 50, 9, 5, 40, 48
     part = img[..., top:top + 64, left:left + 64]
     ref = v2.functional.resized_crop(part, i, j, h, w, [96, 96], antialias=True)
-    out = unnormalise(adam.BatchViews(96).views_with(img, params((top + i, left + j, h, w))))
+    out = unnormalise(gpu_views.BatchViews(96).views_with(img, params((top + i, left + j, h, w))))
     assert (out - ref)[..., 3:-3, 3:-3].abs().max() < 1e-5
     assert (out - ref).abs().max() < 0.05  # the border: a half source pixel of a smooth image
 
@@ -52,7 +51,7 @@ def test_shrinking_reads_a_mip_level():
     # +-0.28 pattern (bound 0.2). torchvision is off by 0.0033 at the edge, where its filter is truncated: 5e-3.
     img = ((torch.arange(128).view(-1, 1) + torch.arange(128)) % 2).float().view(1, 1, 128, 128)
     ref = v2.functional.resized_crop(img, 0, 0, 120, 120, [32, 32], antialias=True)
-    out = unnormalise(adam.BatchViews(32).views_with(img, params((0, 0, 120, 120))))
+    out = unnormalise(gpu_views.BatchViews(32).views_with(img, params((0, 0, 120, 120))))
     plain = F.interpolate(img[..., :120, :120], size=(32, 32), mode="bilinear", align_corners=False, antialias=False)
     assert (ref - 0.5).abs().max() < 5e-3 and (out - 0.5).abs().max() < 1e-5 and (plain - 0.5).abs().max() > 0.2
 
@@ -62,7 +61,7 @@ def test_rotation_matches_rotate():
     img = smooth_image(64, 64, seed=1)
     for angle in (-30.0, 12.5, 30.0):
         ref = v2.functional.rotate(img, angle, interpolation=v2.InterpolationMode.BILINEAR)
-        out = unnormalise(adam.BatchViews(64).views_with(img, params((0, 0, 64, 64), angle=angle)))
+        out = unnormalise(gpu_views.BatchViews(64).views_with(img, params((0, 0, 64, 64), angle=angle)))
         assert (out - ref).abs().max() < 1e-5, angle
 
 
@@ -81,7 +80,7 @@ def test_crop_then_rotation_is_one_interpolation():
     for img, tol in ((ramp, 1e-5), (smooth_image(160, 160, seed=2), 3e-3)):
         ref = v2.functional.rotate(v2.functional.resized_crop(img, top, left, h, w, [96, 96], antialias=True),
                                    25.0, interpolation=v2.InterpolationMode.BILINEAR)
-        out = unnormalise(adam.BatchViews(96).views_with(img, params((top, left, h, w), angle=25.0)))
+        out = unnormalise(gpu_views.BatchViews(96).views_with(img, params((top, left, h, w), angle=25.0)))
         assert (out - ref)[inside].abs().max() < tol
         assert out[cover == 0].abs().max() == 0
 
@@ -93,7 +92,7 @@ def test_jitter_matches_torchvision(channels):
     factors = torch.stack([0.6 + 0.8 * torch.rand(6, generator=g), 0.6 + 0.8 * torch.rand(6, generator=g),
                            0.6 + 0.8 * torch.rand(6, generator=g), -0.1 + 0.2 * torch.rand(6, generator=g)], 1)
     order = torch.stack([torch.randperm(4, generator=g) for _ in range(6)])
-    out = adam.BatchViews.jitter(x, factors, order)
+    out = gpu_views.BatchViews.jitter(x, factors, order)
     ops = [v2.functional.adjust_brightness, v2.functional.adjust_contrast, v2.functional.adjust_saturation,
            v2.functional.adjust_hue]
     for n in range(6):
@@ -109,7 +108,7 @@ def test_blur_matches_gaussian_blur():
     g = torch.Generator().manual_seed(4)
     x = torch.rand(4, 3, 40, 40, generator=g)
     sigma = torch.tensor([0.3, 0.0, 1.1, 2.0])  # 0 = not blurred
-    bv = adam.BatchViews(224)                      # kernel 23 (radius 11), as at 224 px
+    bv = gpu_views.BatchViews(224)                      # kernel 23 (radius 11), as at 224 px
     out = bv.blur(x, sigma)
     for n in range(4):
         if sigma[n] == 0:
@@ -122,7 +121,7 @@ def test_blur_matches_gaussian_blur():
 def test_parameter_statistics():
     # 2000 samples x 2 views = 4000 draws. Binomial bounds at 5 sigma: jitter p = 0.8, sd = sqrt(.8 * .2 / 4000)
     # = 0.0063 -> |f - 0.8| < 0.032; blur p = 0.5, sd = 0.0079 -> |f - 0.5| < 0.04.
-    n, bv = 2000, adam.BatchViews(112)
+    n, bv = 2000, gpu_views.BatchViews(112)
     boxes = torch.tensor([[16, 8, 240, 200]] * n)
     views = bv.draw(boxes, torch.arange(n) * 7919)
     p = {k: torch.cat([v[k] for v in views]) for k in views[0]}
@@ -148,8 +147,8 @@ def test_parameter_statistics():
 def test_crop_fallback():
     # A 10 x 200 part: every try needs h >= sqrt(0.2 * 2000 * 3/4) = 17 > 10, so torchvision's fallback:
     # height kept, width 10 * 4/3 -> 13, centred.
-    assert adam.random_crop_box(10, 200, [0.5] * 22) == (0, 93, 10, 13)
-    assert adam.random_crop_box(200, 10, [0.5] * 22) == (93, 0, 13, 10)
+    assert gpu_views.random_crop_box(10, 200, [0.5] * 22) == (0, 93, 10, 13)
+    assert gpu_views.random_crop_box(200, 10, [0.5] * 22) == (93, 0, 13, 10)
 
 
 def test_deterministic_and_device_independent():
@@ -157,7 +156,7 @@ def test_deterministic_and_device_independent():
     x = torch.randint(0, 256, (6, 1, 96, 96), dtype=torch.uint8, generator=g)
     boxes = torch.tensor(adam.anatomy_parts(96, 96, 2) + adam.anatomy_parts(96, 96, 1))
     seeds = torch.randint(2**62, (6,), generator=g)
-    bv = adam.BatchViews(48)
+    bv = gpu_views.BatchViews(48)
     q1, k1 = bv(x, boxes, seeds)
     q2, k2 = bv(x, boxes, seeds)
     assert torch.equal(q1, q2) and torch.equal(k1, k2)
@@ -173,7 +172,7 @@ def test_deterministic_and_device_independent():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 def test_cuda_output_on_cuda():
     x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, device="cuda")
-    q, k = adam.BatchViews(32)(x, torch.tensor([[0, 0, 64, 64]] * 2), torch.tensor([1, 2]))
+    q, k = gpu_views.BatchViews(32)(x, torch.tensor([[0, 0, 64, 64]] * 2), torch.tensor([1, 2]))
     assert q.device.type == "cuda" and k.shape == (2, 3, 32, 32)
 
 
@@ -181,7 +180,7 @@ def test_cuda_output_on_cuda():
 def test_shapes_and_range(channels):
     x = torch.randint(0, 256, (5, channels, 80, 64), dtype=torch.uint8)
     boxes = torch.tensor([[0, 0, 80, 64], [0, 0, 40, 32], [40, 32, 40, 32], [0, 32, 80, 32], [7, 3, 9, 5]])
-    q, k = adam.BatchViews(40)(x, boxes, torch.arange(5))
+    q, k = gpu_views.BatchViews(40)(x, boxes, torch.arange(5))
     lo, hi = ((0 - MEAN) / STD).view(1, 3, 1, 1), ((1 - MEAN) / STD).view(1, 3, 1, 1)
     for y in (q, k):
         assert y.shape == (5, 3, 40, 40) and y.dtype == torch.float32
@@ -189,9 +188,9 @@ def test_shapes_and_range(channels):
         if channels == 1:  # grey expanded: the three channels hold the same pixel
             assert torch.allclose(unnormalise(y).expand(-1, 3, -1, -1), y * STD + MEAN, atol=1e-5)
     with pytest.raises(ValueError, match="uint8"):
-        adam.BatchViews(40)(x.float(), boxes, torch.arange(5))
+        gpu_views.BatchViews(40)(x.float(), boxes, torch.arange(5))
     with pytest.raises(ValueError, match="boxes"):
-        adam.BatchViews(40)(x, boxes[:3], torch.arange(5))
+        gpu_views.BatchViews(40)(x, boxes[:3], torch.arange(5))
 
 
 def test_same_pixel_statistics_as_adamviews():
@@ -219,7 +218,7 @@ def same_pixel_statistics():
     items = [(i % 16, int(torch.randint(2**62, (), generator=g))) for i in range(128)]
     r = torch.stack([torch.stack(adam.AdamViews(images, 2, 48)[it]) for it in items])  # 128 x 2 x 3 x 48 x 48
     boxes = torch.tensor([parts[torch.randint(4, (), generator=torch.Generator().manual_seed(s))] for _, s in items])
-    q, k = adam.BatchViews(48)(torch.stack([images[i] for i, _ in items]), boxes, torch.tensor([s for _, s in items]))
+    q, k = gpu_views.BatchViews(48)(torch.stack([images[i] for i, _ in items]), boxes, torch.tensor([s for _, s in items]))
     b = torch.stack([q, k], 1)                                                          # 128 x 2 x 3 x 48 x 48
     for stat in (lambda y: y.mean((2, 3, 4)), lambda y: y.std((2, 3, 4))):             # 128 x 2 each
         sr, sb = stat(r), stat(b)

@@ -6,6 +6,7 @@ import torch
 import torchvision
 
 import finetune
+from adam import imagenet_normalise
 
 ARCH = "resnet18"
 
@@ -108,9 +109,7 @@ def test_xrv_resnet_converted_to_imagenet_input(tmp_path):
     assert all(torch.equal(ours.state_dict()[k], v) for k, v in keep.items())
     g = torch.rand(2, 1, 64, 64)                             # grey images in [0, 1]
     x_xrv = 2048 * g - 1024                                 # torchxrayvision's intensity convention
-    mean = torch.tensor(finetune.MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(finetune.STD).view(1, 3, 1, 1)
-    x_ours = (g.expand(-1, 3, -1, -1) - mean) / std           # what finetune.py and eve.py feed a backbone
+    x_ours = imagenet_normalise(g)                          # what finetune.py and eve.py feed a backbone
     xrv.fc = torch.nn.Identity()
     # conv1's zero padding stands for another grey level in each convention (docstring of xrv_to_imagenet_input):
     # without padding the two networks must agree everywhere; with it, away from the border.

@@ -121,6 +121,9 @@ def parse_args(argv=None):
     g.add_argument("--resume", default=None,
                    help="run folder to continue from; flags you pass again override the saved ones")
     g.add_argument("--print-freq", type=int, default=None, help="progress line every N steps")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard scalars (loss, lr, pruned fraction, val loss, images/s) to OUT/tb; "
+                        "needs the tensorboard package (pip install tensorboard)")
     args = p.parse_args(argv)
     if args.resume:  # the saved flags become the defaults; what the user passes again wins
         saved = load_checkpoint(Path(args.resume) / "checkpoint.pth")["args"]
@@ -344,6 +347,9 @@ def main(argv=None):
     fused = choose_loss(args.loss, device, say)
     lr = args.lr * args.batch_size / 256                           # linear scaling rule
     start_stage, start_epoch, step, ckpt = resume(args, student, teacher, bank, say)
+    if rank == 0:
+        write_args_json(out, args, fused)                          # OUT/args.json: settings, versions, commit
+    tb = tensorboard_writer(args, out) if rank == 0 else None      # --tensorboard, else None
     steps_per_epoch = min(len(train_images) // args.batch_size, args.steps_per_epoch or math.inf)
     total_steps = len(args.level_list) * args.epochs * steps_per_epoch
     say(f"data: {train_images.name}, {len(train_images)} train images; {args.arch} at {args.img_size} px; "
@@ -388,6 +394,9 @@ def main(argv=None):
                 loss_v, pruned_v = loss.item(), pruned.item()
                 loss_sum, pruned_sum = loss_sum + loss_v, pruned_sum + pruned_v
                 stage_log["losses"].append(loss_v)
+                if tb:
+                    tb.add_scalar("train/loss", loss_v, step)
+                    tb.add_scalar("train/pruned", pruned_v, step)
                 if (i + 1) % args.print_freq == 0 or i + 1 == steps_per_epoch:
                     eta = (time.time() - t_run) / steps_run * (total_steps - step)
                     say(f"level {level} epoch {epoch + 1}/{args.epochs} step {i + 1}/{steps_per_epoch} "
@@ -402,8 +411,15 @@ def main(argv=None):
             stage_log["epochs"].append(record)
             if rank == 0:
                 end_of_epoch(out, args, record, student, teacher, bank, optimizer, summary)
+            if tb:
+                for key in ("loss", "lr", "pruned", "images_per_s", "val_loss"):
+                    if record[key] is not None:
+                        tb.add_scalar(f"epoch/{key}", record[key], step)
+                tb.flush()
         losses = [e["loss"] for e in stage_log["epochs"]] or [float("nan")]
         say(f"== stage level {level} done: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    if tb:
+        tb.close()
     say(f"done in {(time.time() - t_run) / 60:.1f} min; backbones: {', '.join(summary['backbones']) or '-'}")
     return summary
 
@@ -583,6 +599,55 @@ def export_backbone(student, path):
     """The backbone alone, torchvision keys: torchvision.models.<arch>() loads it with only fc.* missing."""
     state = {k: v.contiguous() for k, v in student.backbone.state_dict().items()}
     return write_atomic(path, lambda p: torch.save(state, p))
+
+
+def write_args_json(out, args, fused):
+    """OUT/args.json when a run starts: every setting, the versions of python, torch, torchvision, CUDA and the op,
+    the loss path, the git commit of this file's checkout (null outside one) and the command line. A resumed run
+    keeps the earlier starts under "previous_starts"."""
+    import platform
+    import subprocess
+
+    def git(*cmd):
+        try:
+            r = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), *cmd], capture_output=True,
+                               text=True, timeout=10)
+            return r.stdout.strip() if r.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            return None
+    try:
+        import adam_ext
+        op = adam_ext.build_info()
+    except ImportError as e:
+        op = f"not importable ({e})"
+    path, previous = Path(out) / "args.json", []
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+            previous = old.pop("previous_starts", []) + [old]
+        except ValueError:
+            pass                                                   # unreadable: replaced
+    commit = git("rev-parse", "HEAD")
+    info = {"args": dict(vars(args)), "loss": "fused adam_ext op" if fused else "pure-PyTorch reference",
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "torchvision": torchvision.__version__, "numpy": np.__version__, "adam_ext": op,
+                         "cuda": torch.version.cuda},
+            "commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None,
+            "command": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "previous_starts": previous}
+    return write_atomic(path, lambda p: Path(p).write_text(json.dumps(info, indent=1, default=str)))
+
+
+def tensorboard_writer(args, out):
+    """--tensorboard: a SummaryWriter on OUT/tb, or None without the flag. TensorBoard is never required; asking
+    for it without the package is one clear error at start, not a run without curves."""
+    if not args.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ValueError(f"--tensorboard needs the tensorboard package ({e}): pip install tensorboard, "
+                         f"or run without --tensorboard (log.jsonl has the same numbers)") from None
+    return SummaryWriter(log_dir=str(Path(out) / "tb"))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ From datasets as people download them to a fast, verified training cache, and a 
     python data_prep.py chestxray14  --src DIR [--out data/chestxray14] [--size 512]
     python data_prep.py eyepacs      --src DIR [--out data/eyepacs]
     python data_prep.py jsrt         --src DIR [--masks SCR_DIR] [--out data/jsrt]
-    python data_prep.py folder       --src DIR [--out data/folder]
+    python data_prep.py folder       --src DIR [--out data/folder] [--patient-from auto|stem|dicom|up:N|REGEX]
+    python data_prep.py csv          --src DIR --csv [SPLIT=]FILE --image-col COL (--label-cols A,B | --label-col COL)
+                                     [--patient-col COL | --patient-from ...] [--split-col COL] [--uncertain ...]
 
     python data_prep.py speed        --cache DIR      (images/s: cache rows vs PNG decoding)
 
@@ -26,7 +28,7 @@ which case it is skipped and listed in report.json.
 Every script opens its --data through open_dataset (a cache by name or folder; the phantom is generated when
 missing) or open_images (a split's images, or any folder of PNG/JPEG files).
 
-Import cost: numpy + pillow only; pydicom is imported when a DICOM file is met.
+Import cost: numpy + pillow only; pydicom is imported when a DICOM file is met, tqdm when a conversion starts.
 """
 import argparse
 import csv
@@ -35,6 +37,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import re
 import shutil
 import signal
 import sys
@@ -57,7 +60,7 @@ LANDMARKS = ["trachea_top", "carina", "left_apex", "right_apex", "left_costophre
 CXR14_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis",
                 "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax"]
 CXR14_TRAIN, CXR14_VAL = 75312, 11212          # the authors' split of train_val_list.txt (docs/METHOD.md §5)
-DEFAULT_SIZE = {"phantom": 256, "chestxray14": 512, "eyepacs": 512, "jsrt": 512, "folder": 512}
+DEFAULT_SIZE = {"phantom": 256, "chestxray14": 512, "eyepacs": 512, "jsrt": 512, "folder": 512, "csv": 512}
 # Test hook: SIGKILL ourselves after this many images have been written (simulates a killed run).
 KILL_AFTER_ENV = "ADAM_DATA_PREP_KILL_AFTER"
 
@@ -296,26 +299,10 @@ def _write_index(path, rows, extra_cols=()):
                         *[r.get(c, "") for c in extra_cols]])
 
 
-class Progress:
-    """One self-overwriting progress line with rate and ETA on stderr."""
-
-    def __init__(self, total, label):
-        self.total, self.label, self.done = total, label, 0
-        self.t0 = self.last = time.time()
-
-    def update(self, n=1):
-        self.done += n
-        now = time.time()
-        if now - self.last > 0.5 or self.done == self.total:
-            self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
-            eta = (self.total - self.done) / max(rate, 1e-9)
-            sys.stderr.write(f"\r{self.label}: {self.done}/{self.total} ({100 * self.done / max(self.total, 1):.1f}%)"
-                             f" {rate:.0f} img/s, ETA {int(eta // 60)}m{int(eta % 60):02d}s   ")
-            sys.stderr.flush()
-
-    def close(self):
-        sys.stderr.write(f"\r{self.label}: {self.done} images in {time.time() - self.t0:.1f}s" + " " * 30 + "\n")
+def _progress(total, label):
+    """The progress bar of a conversion (tqdm on stderr: count, rate, ETA)."""
+    from tqdm import tqdm
+    return tqdm(total=total, desc=label, unit="img", file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
 
 
 def _maybe_die(done):
@@ -514,7 +501,7 @@ def build_phantom(out, num_images=1000, size=256, seed=0, workers=1, force=False
         jobs = [(i, size, seed, tmp / "png" / f"{names[i]}.png") for i in range(n)]
         pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
         results = pool.imap_unordered(_phantom_job, jobs, chunksize=8) if pool else map(_phantom_job, jobs)
-        prog = None if quiet else Progress(n, "phantom")
+        prog = None if quiet else _progress(n, "phantom")
         try:
             for done, (i, (img, m, lmk, lab)) in enumerate(results, 1):
                 images[i], masks[i], landmarks[i], labels[i] = img, m, lmk, lab
@@ -637,32 +624,59 @@ def jsrt_to_grey(raw, path="<bytes>"):
     return Image.fromarray((255 - (a * 255 + 2047) // 4095).astype(np.uint8))
 
 
+def voi_output_range(ds):
+    """(lo, hi): the range of what pydicom's apply_voi_lut returns for `ds` (DICOM PS3.3 C.11.2), the range that
+    dicom_to_grey maps to 0..255. VOI LUT Sequence: 0 .. 2^n - 1 with n its LUT Descriptor's third value
+    (bits per entry). Window (LINEAR, LINEAR_EXACT, SIGMOID): the modality output range, as apply_windowing
+    computes it: 0 .. 2^n - 1 of a Modality LUT Sequence, else the stored range (BitsStored, signed or not)
+    through RescaleSlope / RescaleIntercept."""
+    if ds.get("VOILUTSequence"):
+        return 0.0, float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
+    if ds.get("ModalityLUTSequence"):
+        lo, hi = 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
+    elif ds.get("PixelRepresentation", 0) == 0:
+        lo, hi = 0.0, float(2 ** int(ds.BitsStored) - 1)
+    else:
+        lo, hi = -float(2 ** (int(ds.BitsStored) - 1)), float(2 ** (int(ds.BitsStored) - 1) - 1)
+    if ds.get("RescaleSlope") is not None and ds.get("RescaleIntercept") is not None:
+        slope, icpt = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+        lo, hi = sorted((lo * slope + icpt, hi * slope + icpt))
+    return lo, hi
+
+
 def dicom_to_grey(path, window="header"):
-    """DICOM -> 8-bit grey: modality LUT (RescaleSlope/Intercept), then a window mapped linearly to 0..255:
-    window="header": the file's first WindowCenter/WindowWidth if it has one, else its min..max;
-    window="percentile": the image's own 1st..99th percentiles (for files whose header window spans the whole
-    stored range, e.g. pydicom-data's RG1_UNCR.dcm, which the header window renders almost flat).
-    MONOCHROME1 (bright = air) is inverted so that bone is bright as usual. Returns (PIL image, patient id)."""
-    import pydicom                                   # lazy: only the folder command needs it
-    from pydicom.pixels import apply_modality_lut
+    """DICOM -> 8-bit grey, by the standard's pipeline as pydicom implements it (PS3.3 C.11):
+    1. modality LUT: pydicom.pixels.apply_modality_lut (Modality LUT Sequence, else RescaleSlope/Intercept);
+    2. VOI LUT: pydicom.pixels.apply_voi_lut with the file's first VOI (its VOI LUT Sequence, else its first
+       WindowCenter/WindowWidth with VOILUTFunction LINEAR, LINEAR_EXACT or SIGMOID), whose output range
+       (voi_output_range) is mapped linearly to 0..255 and rounded;
+       a file that carries no VOI, or window="percentile", gets the image's own 1st..99th percentiles instead
+       (also the choice for files whose header window spans the whole stored range, such as pydicom-data's
+       RG1_UNCR.dcm, which its header window renders almost flat);
+    3. MONOCHROME1 (bright = air) is inverted after rounding, so bone is bright as usual and the inversion exact.
+    Multi-frame files: the first frame. Returns (PIL image, patient id)."""
+    import pydicom                                   # lazy: only DICOM sources need it
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
     ds = pydicom.dcmread(path)
-    a = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
+    a = ds.pixel_array
     if a.ndim == 3 and ds.get("SamplesPerPixel", 1) == 1:
         a = a[0]                                     # multi-frame: first frame
+    patient = str(ds.get("PatientID", "") or "")
     if a.ndim == 3:                                  # colour DICOM
-        return Image.fromarray(a.astype(np.uint8)).convert("L"), str(ds.get("PatientID", "") or "")
-    c, w = ds.get("WindowCenter"), ds.get("WindowWidth")
-    if window == "percentile":
-        lo, hi = np.percentile(a, [1, 99])
-    elif c is not None and w is not None:
-        c, w = (float(np.atleast_1d(np.asarray(x, np.float64))[0]) for x in (c, w))   # may be multi-valued
-        lo, hi = c - w / 2, c + w / 2
+        return Image.fromarray(a.astype(np.uint8)).convert("L"), patient
+    a = apply_modality_lut(a, ds)
+    has_voi = bool(ds.get("VOILUTSequence")) or (ds.get("WindowCenter") is not None
+                                                  and ds.get("WindowWidth") is not None)
+    if window == "header" and has_voi:
+        v = apply_voi_lut(a, ds, index=0).astype(np.float64)
+        lo, hi = voi_output_range(ds)
     else:
-        lo, hi = a.min(), a.max()
-    g = np.rint(np.clip((a - lo) / max(hi - lo, 1e-9), 0, 1) * 255).astype(np.uint8)
+        v = np.asarray(a, np.float64)
+        lo, hi = np.percentile(v, [1, 99])
+    g = np.rint(np.clip((v - lo) / max(hi - lo, 1e-9), 0, 1) * 255).astype(np.uint8)
     if ds.get("PhotometricInterpretation", "") == "MONOCHROME1":
         g = 255 - g                                  # after rounding, so the inversion is exact
-    return Image.fromarray(g), str(ds.get("PatientID", "") or "")
+    return Image.fromarray(g), patient
 
 
 _OPTS = {}
@@ -757,7 +771,7 @@ def _iter_tasks(items, sem, archives, unexpected, stop):
 
 def convert(items, out, *, dataset, size, channels, fit, label_names, structures=(), extra_cols=(),
             skip_bad=False, workers=1, force=False, source="", report=None, archives=(), quiet=False,
-            dicom_window="header"):
+            dicom_window="header", extra_meta=None):
     """Decode `items` (dicts with name, patient, split, labels, kind "file" (src = path) or "tar" (looked up in
     `archives`), optional decoder / masks / extra) into a cache at `out`, atomically. Returns (out, report)."""
     out = Path(out)
@@ -782,7 +796,7 @@ def convert(items, out, *, dataset, size, channels, fit, label_names, structures
         else:
             _worker_init(opts)
             results = map(_decode_task, _iter_tasks(items, sem, archives, unexpected, stop))
-        prog = None if quiet else Progress(n, dataset)
+        prog = None if quiet else _progress(n, dataset)
         try:
             for done, (row, img, m, info, err) in enumerate(results, 1):
                 sem.release()
@@ -843,7 +857,7 @@ def convert(items, out, *, dataset, size, channels, fit, label_names, structures
         (tmp / "report.json").write_text(json.dumps(report, indent=1))
         meta = dict(dataset=dataset, count=int(len(keep)), height=size, width=size, channels=channels,
                     label_names=list(label_names), structures=list(structures), landmark_names=[],
-                    source=str(source), fit=fit, resample="PIL BILINEAR", bad_skipped=len(bad))
+                    source=str(source), fit=fit, resample="PIL BILINEAR", bad_skipped=len(bad), **(extra_meta or {}))
         out = _finish_tmp(tmp, out, meta, force)
         return out, report
     except BaseException:
@@ -1051,23 +1065,271 @@ def jsrt_items(src, masks_dir=None, val_every=8):
     return items, report
 
 
-def folder_items(src):
-    """Any folder of PNG/JPEG/DICOM images (recursive). Name = relative path; patient = DICOM PatientID when
-    present, else the file stem; all split=train (a folder carries no split; use --val-fraction to hold out)."""
+# Patients from paths. A patient-level split needs the patient, and most trees carry it in a folder name:
+# CheXpert (train/patient00001/study1/view1_frontal.jpg), MIMIC-CXR-JPG (files/p10/p10000032/s50414267/<id>.jpg).
+AUTO_PATIENT_FOLDER = re.compile(r"patient\d+|p\d{8}")
+PATIENT_FROM_HELP = ("where the patient of an image comes from (the split is by patient): 'auto' (default) = the "
+                     "DICOM PatientID when the file has one, else the nearest folder named like patient00001 "
+                     "(CheXpert) or p10000032 (MIMIC-CXR), else the file stem; 'stem' = the file stem; 'dicom' = "
+                     "the DICOM PatientID; 'up:N' = the folder N levels above the file (CheXpert "
+                     "patient00001/study1/view1.jpg: up:2); or a regular expression with one group searched in "
+                     "the relative path, e.g. '(patient\\d+)/'")
+
+
+def _dicom_patient(path):
+    """The PatientID of a DICOM file's header ("" when absent or unreadable: the decoder then names the file)."""
+    import pydicom                                   # header only: the patient must be known before splitting
+    try:
+        return str(pydicom.dcmread(path, stop_before_pixels=True).get("PatientID", "") or "")
+    except Exception:
+        return ""
+
+
+def patient_rule(spec):
+    """--patient-from SPEC -> rule(rel, path) -> (patient, how): rel is the image's relative posix path, path the
+    file (None when it is missing), how a short description counted in the report. ValueError on a bad SPEC;
+    the rule raises ValueError naming the path when it cannot name a patient."""
+    pattern = None
+    if spec not in ("auto", "stem", "dicom") and not re.fullmatch(r"up:[1-9]\d*", spec):
+        try:
+            pattern = re.compile(spec)
+        except re.error as e:
+            raise ValueError(f"--patient-from {spec!r}: not auto, stem, dicom, up:N or a valid regular expression "
+                             f"({e})") from None
+        if pattern.groups != 1:
+            raise ValueError(f"--patient-from {spec!r}: the regular expression needs exactly one group (...) "
+                             f"around the patient, e.g. '(patient\\d+)/'")
+
+    def rule(rel, path):
+        parts = rel.split("/")
+        is_dicom = rel.lower().endswith((".dcm", ".dicom"))
+        if spec in ("auto", "dicom") and is_dicom and path is not None:
+            pid = _dicom_patient(path)
+            if pid:
+                return pid, "DICOM PatientID"
+        if spec == "dicom":
+            raise ValueError(f"{rel}: no DICOM PatientID (--patient-from dicom); pick another --patient-from")
+        if spec == "auto":
+            for d in reversed(parts[:-1]):           # the nearest folder named like a patient
+                if AUTO_PATIENT_FOLDER.fullmatch(d):
+                    return d, "folder named like a patient (patient\\d+ or p\\d{8})"
+            return Path(rel).stem, "file stem"
+        if spec == "stem":
+            return Path(rel).stem, "file stem"
+        if pattern is None:                          # up:N, named by its path so equal names in two trees differ
+            n = int(spec[3:])
+            if len(parts) <= n:
+                raise ValueError(f"{rel}: --patient-from {spec} needs {n} folder(s) above the file")
+            return "/".join(parts[:-n]), f"folder {spec}"
+        m = pattern.search(rel)
+        if m is None or not m.group(1):
+            raise ValueError(f"{rel}: --patient-from {spec!r} does not match this path")
+        return m.group(1), f"regular expression {spec!r}"
+    return rule
+
+
+def _apply_patients(items, spec, report):
+    """Set it["patient"] for every item by --patient-from and record in the report which rule named how many."""
+    rule, how = patient_rule(spec), Counter()
+    for it in items:
+        it["patient"], h = rule(it["name"], it.get("src"))
+        how[h] += 1
+    report["patient_from"] = spec
+    report["patient_rule_counts"] = dict(how.most_common())
+    report["patients"] = len({it["patient"] for it in items})
+
+
+def folder_items(src, patient_from="auto"):
+    """Any folder of PNG/JPEG/DICOM images (recursive). Name = relative path; patient by --patient-from (default
+    auto: DICOM PatientID, else a patient-named folder, else the file stem); all split=train (a folder carries
+    no split; use --val-fraction to hold out patients)."""
     src = Path(src)
-    found = _walk(src, (".png", ".jpg", ".jpeg", ".dcm", ".dicom"))
-    items = []
-    for rel, p in found.items():
-        it = dict(name=rel, patient=p.stem, split="train", labels=[], kind="file", src=str(p), decoder="pil")
-        if rel.lower().endswith((".dcm", ".dicom")):
-            import pydicom                             # header only: the patient must be known before splitting
-            it["decoder"] = "dicom"
-            try:
-                it["patient"] = str(pydicom.dcmread(p, stop_before_pixels=True).get("PatientID", "") or p.stem)
-            except Exception:
-                pass                                   # unreadable: the decoder names it (or --skip-bad skips it)
-        items.append(it)
-    return items, dict(image_files_found=len(items))
+    found = _walk(src, IMAGE_EXTS)
+    items = [dict(name=rel, patient="", split="train", labels=[], kind="file", src=str(p),
+                  decoder="dicom" if rel.lower().endswith((".dcm", ".dicom")) else "pil") for rel, p in found.items()]
+    report = dict(image_files_found=len(items))
+    _apply_patients(items, patient_from, report)
+    return items, report
+
+
+# ----------------------------------------------------------------------------------------------------
+# Any labelled dataset shipped as images plus a table (CheXpert, VinDr-CXR, MIMIC-CXR-JPG, in-house)
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+               "dev": "val", "test": "test", "testing": "test"}
+# CheXpert's label values (Irvin et al. 2019): 1 positive, 0 negative, -1 uncertain, blank = not mentioned.
+POSITIVE, NEGATIVE, UNCERTAIN = {"1", "1.0", "1.00"}, {"0", "0.0", "0.00"}, {"-1", "-1.0", "-1.00"}
+
+
+def _resolver(found):
+    """rel path in a table -> relative path of an existing file, or None. Tables name images relative to some
+    folder (CheXpert: 'CheXpert-v1.0-small/train/patient00001/...'), and --src may be that folder, a parent of
+    it or a child: an exact match wins, then the path with leading folders dropped, then the unique file whose
+    path ends with it. Bare file names are matched only exactly or when unique."""
+    suffix = {}
+    for rel in found:
+        parts = rel.split("/")
+        for j in range(len(parts)):
+            key = "/".join(parts[j:])
+            suffix[key] = None if key in suffix and suffix[key] != rel else rel   # None: ambiguous
+    def resolve(p):
+        p = p.replace("\\", "/").strip("/")
+        if p in found:
+            return p
+        parts = p.split("/")
+        for j in range(len(parts)):
+            hit = suffix.get("/".join(parts[j:]))
+            if hit:
+                return hit
+        return None
+    return resolve
+
+
+def _label_value(v, policy_uncertain, policy_blank, where):
+    """One cell of a wide label table -> (positive?, uncertain?)."""
+    v = v.strip()
+    if v in POSITIVE:
+        return True, False
+    if v in NEGATIVE:
+        return False, False
+    if v in UNCERTAIN:
+        return policy_uncertain == "positive", True
+    if v == "":
+        if policy_blank == "error":
+            raise ValueError(f"{where}: blank label (--blank error); use --blank negative to read blank as "
+                             f"'not mentioned' = negative, as CheXpert's labeller means it")
+        return False, False
+    raise ValueError(f"{where}: label value {v!r} is not 1, 0, -1 (uncertain) or blank")
+
+
+def csv_items(src, csvs, image_col, label_cols=(), label_col=None, no_label=("No Finding", "No finding"),
+              patient_col=None, patient_from="auto", split_col=None, uncertain="negative", blank="negative",
+              image_path="{}", keep_cols=(), where=(), val_fraction=None, test_fraction=None, seed=0):
+    """Images plus one or more tables -> items + report. csvs: [(path, split or None)] (a split given with the
+    file, e.g. CheXpert's valid.csv as test). Labels: wide (label_cols: one column per label with 1 / 0 / -1 /
+    blank, CheXpert and MIMIC-CXR's labeller) or long (label_col: label names, '|'-separated, rows of one image
+    merged; VinDr-CXR's annotations, ChestX-ray14's Finding Labels). Patient: patient_col, else patient_from on
+    the image's path. Split: split_col, else the file's split, else patient-level: test_fraction then
+    val_fraction of the images (by patient; defaults 0.2 and 0.1, or 0 where a table already gives that split)."""
+    patient_rule(patient_from)                       # a bad --patient-from fails before the tables are read
+    src = Path(src)
+    found = _walk(src, IMAGE_EXTS)
+    resolve = _resolver(found)
+    wide = bool(label_cols)
+    rows, order, dup_rows, filtered, line_of = {}, [], [], 0, {}
+    for path, file_split in csvs:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"--csv {path}: no such file")
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rd = csv.DictReader(f)
+            header = rd.fieldnames or []
+            need = [image_col, *label_cols, *([label_col] if label_col else []), *([patient_col] if patient_col else []),
+                    *([split_col] if split_col else []), *keep_cols, *(w[0] for w in where)]
+            lacking = [c for c in need if c not in header]
+            if lacking:
+                raise ValueError(f"{path}: no column(s) {lacking}; its columns are {header}")
+            for line, r in enumerate(rd, 2):
+                at = f"{path} line {line}"
+                if any((r[c] or "").strip() != v for c, v in where):
+                    filtered += 1
+                    continue
+                cell = (r[image_col] or "").strip()
+                if not cell:
+                    raise ValueError(f"{at}: empty {image_col!r}")
+                name = image_path.format(cell)
+                if wide:
+                    pos, unc = [], []
+                    for c in label_cols:
+                        p, u = _label_value(r[c] or "", uncertain, blank, f"{at} column {c!r}")
+                        pos += [c] * p
+                        unc += [c] * u
+                else:
+                    names = [x.strip() for x in (r[label_col] or "").split("|")]
+                    pos, unc = sorted({x for x in names if x and x not in no_label}), []
+                split = file_split
+                if split_col:
+                    v = (r[split_col] or "").strip().lower()
+                    if v not in SPLIT_NAMES:
+                        raise ValueError(f"{at}: {split_col!r} is {r[split_col]!r}; expected one of {sorted(SPLIT_NAMES)}")
+                    split = SPLIT_NAMES[v]
+                rec = dict(labels=pos, uncertain=unc, split=split,
+                           patient=(r[patient_col] or "").strip() if patient_col else None,
+                           extra={c: r[c] for c in keep_cols})
+                if patient_col and not rec["patient"]:
+                    raise ValueError(f"{at}: empty patient column {patient_col!r}")
+                if name in rows:
+                    old = rows[name]
+                    if wide:                          # one row per image: a repeat must say the same
+                        if (old["labels"], old["uncertain"], old["split"]) != (pos, unc, split):
+                            raise ValueError(f"{at}: {name} repeats {line_of[name]} with other labels or split")
+                        dup_rows.append(at)
+                    else:                             # long tables: one row per finding (and reader), merged
+                        if old["split"] != split or old["patient"] != rec["patient"]:
+                            raise ValueError(f"{at}: {name} repeats {line_of[name]} with another split or patient")
+                        old["labels"] = sorted(set(old["labels"]) | set(pos))
+                    continue
+                rows[name], line_of[name] = rec, at
+                order.append(name)
+    label_names = list(label_cols) if wide else sorted({l for r in rows.values() for l in r["labels"]})
+    items, missing = [], []
+    for name in sorted(order):
+        r = rows[name]
+        rel = resolve(name)
+        if rel is None:
+            missing.append(name)
+            continue
+        items.append(dict(name=rel, patient=r["patient"], split=r["split"], labels=r["labels"], kind="file",
+                          src=str(found[rel]), decoder="dicom" if rel.lower().endswith((".dcm", ".dicom")) else "pil",
+                          extra=dict(r["extra"], uncertain="|".join(r["uncertain"]))))
+    report = dict(csvs=[f"{p}" + (f" (split {s})" if s else "") for p, s in csvs], csv_rows=len(order) + len(dup_rows),
+                  rows_filtered_out=filtered, expected=len(order), image_files_found=len(found),
+                  missing_files=missing, not_in_csv_or_lists=sorted(set(found) - {it["name"] for it in items}),
+                  duplicate_rows=dup_rows, resolved_by_suffix=sum(it["name"] not in rows for it in items),
+                  label_format="wide (one column per label)" if wide else f"long ({label_col!r}, names merged per image)",
+                  uncertain_policy=uncertain if wide else None, blank_policy=blank if wide else None)
+    if patient_col:
+        report.update(patient_from=f"column {patient_col!r}", patients=len({it["patient"] for it in items}))
+    else:
+        _apply_patients(items, patient_from, report)
+    _split_by_patient(items, val_fraction, test_fraction, seed, report)
+    report["label_counts"] = {s: dict(Counter(l for it in items if it["split"] == s for l in it["labels"]))
+                              for s in ("train", "val", "test")}
+    if wide:
+        report["uncertain_counts"] = dict(Counter(l for it in items for l in it["extra"]["uncertain"].split("|") if l))
+    return items, report, label_names
+
+
+def _split_by_patient(items, val_fraction, test_fraction, seed, report):
+    """Give a split to the items the tables left without one, by patient: a patient with rows of a given split keeps
+    it for all its rows; the other patients go to test, then val, by patient_split (test_fraction / val_fraction
+    of all images; default 0.2 / 0.1, 0 where the tables already provide that split). Patients that the tables
+    themselves put in two splits are kept as given and listed in the report."""
+    given = {}
+    for it in items:
+        if it["split"]:
+            given.setdefault(it["patient"], set()).add(it["split"])
+    have = {s for ss in given.values() for s in ss}
+    test_fraction = (0.0 if "test" in have else 0.2) if test_fraction is None else test_fraction
+    val_fraction = (0.0 if "val" in have else 0.1) if val_fraction is None else val_fraction
+    free = Counter(it["patient"] for it in items if not it["split"] and it["patient"] not in given)
+    total = len(items)
+    test = patient_split(free, test_fraction * total / max(sum(free.values()), 1), seed) if test_fraction else set()
+    rest = Counter({p: c for p, c in free.items() if p not in test})
+    val = patient_split(rest, val_fraction * total / max(sum(rest.values()), 1), seed + 1) if val_fraction else set()
+    for it in items:
+        if not it["split"]:
+            own = given.get(it["patient"])
+            it["split"] = (sorted(own)[0] if own and len(own) == 1 else
+                           "test" if it["patient"] in test else "val" if it["patient"] in val else "train")
+    splits_of = {}
+    for it in items:
+        splits_of.setdefault(it["patient"], set()).add(it["split"])
+    report["split_rule"] = (f"patient-level: test {test_fraction:g}, val {val_fraction:g} of the images "
+                            f"(seed {seed}) for rows the tables leave without a split")
+    report["patients_per_split"] = dict(Counter(s for ss in splits_of.values() for s in ss))
+    report["patients_in_two_splits"] = sorted(p for p, ss in splits_of.items() if len(ss) > 1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1116,8 +1378,19 @@ def _scan(args):
     elif args.dataset == "jsrt":
         items, report = jsrt_items(args.src, args.masks)
         kw = dict(channels=1, label_names=["nodule"], structures=STRUCTURES if args.masks else ())
+    elif args.dataset == "csv":
+        items, report, label_names = csv_items(
+            args.src, args.csv, args.image_col, label_cols=args.label_cols, label_col=args.label_col,
+            no_label=args.no_label, patient_col=args.patient_col, patient_from=args.patient_from,
+            split_col=args.split_col, uncertain=args.uncertain, blank=args.blank, image_path=args.image_path,
+            keep_cols=args.keep_cols, where=args.where, val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction, seed=args.split_seed)
+        kw = dict(channels=args.channels, label_names=label_names, dicom_window=args.dicom_window,
+                  extra_cols=[*args.keep_cols, "uncertain"] if args.label_cols else list(args.keep_cols),
+                  extra_meta=dict(label_kind="multilabel", uncertain_policy=report["uncertain_policy"],
+                                  blank_policy=report["blank_policy"]))
     else:
-        items, report = folder_items(args.src)
+        items, report = folder_items(args.src, args.patient_from)
         if args.val_fraction > 0:
             counts = Counter(it["patient"] for it in items)
             val = patient_split(counts, args.val_fraction)
@@ -1125,6 +1398,25 @@ def _scan(args):
                 it["split"] = "val" if it["patient"] in val else "train"
         kw = dict(channels=args.channels, label_names=[], dicom_window=args.dicom_window)
     return items, archives, report, kw
+
+
+def _comma_list(s):
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _csv_arg(s):
+    """--csv [SPLIT=]FILE -> (Path, split or None)."""
+    head, eq, tail = s.partition("=")
+    if eq and head.lower() in SPLIT_NAMES and tail:
+        return Path(tail), SPLIT_NAMES[head.lower()]
+    return Path(s), None
+
+
+def _where_arg(s):
+    col, eq, value = s.partition("=")
+    if not eq or not col:
+        raise argparse.ArgumentTypeError(f"{s!r}: expected COL=VALUE")
+    return col, value
 
 
 def main(argv=None):
@@ -1138,6 +1430,8 @@ def main(argv=None):
         "eyepacs": "Kaggle EyePACS: train/*.jpeg + trainLabels.csv (optional test/ + retinopathy_solution.csv)",
         "jsrt": "JSRT .IMG radiographs (+ SCR masks via --masks) for segmentation",
         "folder": "any folder of PNG / JPEG / DICOM images (recursive), unlabelled",
+        "csv": "any labelled dataset shipped as images plus a table (CheXpert, VinDr-CXR, MIMIC-CXR-JPG, in-house): "
+               "labels per image, patient-level split, the same checks and report",
     }
     for name, help in cmds.items():
         p = sub.add_parser(name, help=help, description=help)
@@ -1167,11 +1461,56 @@ def main(argv=None):
             g.add_argument("--masks", type=Path, default=None,
                            help="SCR root; searched recursively for <image>.gif under folders named heart, "
                                 "left clavicle, right clavicle, left lung, right lung")
-        if name == "folder":
+        if name == "csv":
+            t = p.add_argument_group("the table")
+            t.add_argument("--csv", action="append", required=True, type=_csv_arg, metavar="[SPLIT=]FILE",
+                           help="the label table; repeatable (rows of several tables are merged); SPLIT=FILE gives "
+                                "every row of FILE that split (train, val or test), e.g. --csv train.csv "
+                                "--csv test=valid.csv for CheXpert")
+            t.add_argument("--image-col", required=True, help="column naming the image, a path relative to --src "
+                           "(leading folders that --src already is are dropped; e.g. CheXpert's Path)")
+            t.add_argument("--image-path", default="{}", help="turns the image column into a path, e.g. "
+                           "'train/{}.dicom' when the column holds bare ids (VinDr-CXR's image_id)")
+            lab = t.add_mutually_exclusive_group(required=True)
+            lab.add_argument("--label-cols", type=_comma_list, default=[],
+                             help="comma list of label columns, one per label, values 1 / 0 / -1 (uncertain) / "
+                                  "blank (not mentioned), as in CheXpert and MIMIC-CXR's chexpert.csv")
+            lab.add_argument("--label-col", default=None,
+                             help="one column of label names ('|'-separated); several rows of one image are merged "
+                                  "(VinDr-CXR's annotations: class_name)")
+            t.add_argument("--no-label", type=_comma_list, default=["No Finding", "No finding"],
+                           help="with --label-col: names that mean no label")
+            t.add_argument("--uncertain", choices=["negative", "positive"], default="negative",
+                           help="with --label-cols: what -1 (uncertain) becomes: negative = CheXpert's U-Zeros, "
+                                "positive = U-Ones (Irvin et al. 2019). Either way index.csv's 'uncertain' column "
+                                "lists them, so no information is lost")
+            t.add_argument("--blank", choices=["negative", "error"], default="negative",
+                           help="with --label-cols: a blank cell (label not mentioned) is negative, or an error")
+            t.add_argument("--patient-col", default=None,
+                           help="column naming the patient (e.g. MIMIC's subject_id); default: --patient-from")
+            t.add_argument("--split-col", default=None,
+                           help="column with train / val (valid, validation, dev) / test; default: the file's "
+                                "SPLIT= or a patient-level split")
+            t.add_argument("--val-fraction", type=float, default=None,
+                           help="patient-level split of rows without a split: this fraction of images to val "
+                                "(default 0.1; 0 when a table already gives val rows)")
+            t.add_argument("--test-fraction", type=float, default=None,
+                           help="the same for test (default 0.2; 0 when a table already gives test rows)")
+            t.add_argument("--split-seed", type=int, default=0, help="seed of the patient-level split")
+            t.add_argument("--keep-cols", type=_comma_list, default=[],
+                           help="more columns copied into index.csv (e.g. 'Frontal/Lateral,AP/PA,Sex,Age')")
+            t.add_argument("--where", action="append", type=_where_arg, default=[], metavar="COL=VALUE",
+                           help="keep only rows whose COL is VALUE (repeatable), e.g. 'Frontal/Lateral=Frontal'; "
+                                "the report counts the rows left out")
+        if name in ("folder", "csv"):
             g.add_argument("--channels", type=int, choices=[1, 3], default=1, help="1 grey (X-rays) or 3 RGB")
             g.add_argument("--dicom-window", choices=["header", "percentile"], default="header",
-                           help="DICOM grey window: the file's WindowCenter/Width, or its 1st..99th percentiles "
-                                "(use this when the header window spans the whole range and images look flat)")
+                           help="DICOM grey window: header = the file's VOI LUT or window (pydicom's "
+                                "apply_voi_lut), or its 1st..99th percentiles when it has none; percentile = always "
+                                "the percentiles (use it when the header window spans the whole range and images "
+                                "look flat)")
+            g.add_argument("--patient-from", default="auto", help=PATIENT_FROM_HELP)
+        if name == "folder":
             g.add_argument("--val-fraction", type=float, default=0.0,
                            help="hold out this fraction of images (by patient) as split=val; default all train")
         if name in ("chestxray14", "eyepacs"):
@@ -1215,8 +1554,11 @@ def main(argv=None):
         items = items[:args.limit]
         report["limit"] = args.limit
     print(f"{args.dataset}: {len(items)} images to convert from {args.src}", file=sys.stderr)
+    if report.get("patient_rule_counts"):
+        print(f"patients: {report['patients']} by --patient-from {report['patient_from']}: "
+              + ", ".join(f"{n} image(s) by {how}" for how, n in report["patient_rule_counts"].items()), file=sys.stderr)
     try:
-        out, report = convert(items, out, dataset=args.dataset, report=report, archives=archives, **common, **kw)
+        out, report = convert(items, out, dataset=out.name if args.dataset == "csv" else args.dataset, report=report, archives=archives, **common, **kw)
     except (RuntimeError, ValueError, FileExistsError) as e:
         print_report(report)
         print(f"error: {e}\nnothing was written to {out}", file=sys.stderr)
@@ -1226,6 +1568,9 @@ def main(argv=None):
         if report.get(key):
             print(f"WARNING: {len(report[key])} image(s) {key.replace('_', ' ')}: left out of the cache "
                   f"(names in report.json)", file=sys.stderr)
+    if report.get("patients_in_two_splits"):
+        print(f"WARNING: {len(report['patients_in_two_splits'])} patient(s) in two splits, as the table's split "
+              f"says (names in report.json): the split is not patient-level", file=sys.stderr)
     print(f"wrote {out} ({report['converted']} images, {args.size}px) in {time.time() - t0:.1f}s; "
           f"details in {out / 'report.json'}", file=sys.stderr)
     return out

@@ -9,6 +9,11 @@ Starting points (--init, repeatable; "NAME=SPEC" gives a row its own name in the
     adam:PATH         adam.py's <out>/checkpoint.pth, an exported adam_<arch>_level<n>.pth, or a run folder
     moco:PATH         MoCo-style checkpoint: {"state_dict": {"module.encoder_q.conv1.weight": ...}}
     torchvision:PATH  a torchvision ResNet state dict (its fc.* head is dropped)
+    imagenet[:NAME]   torchvision's ImageNet weights for --arch through its weights API (NAME e.g. IMAGENET1K_V1;
+                      default: the arch's DEFAULT), from the torch.hub cache or downloaded into it
+    timm:PATH         a timm ResNet state dict (.pth / .bin, or .safetensors as on the Hugging Face hub)
+    xrv:PATH          torchxrayvision ResNet weights: 1-channel conv1 and [-1024, 1024] input, converted to take
+                      ImageNet-normalised 3-channel input
     random            torchvision's default initialisation
 Every run writes one JSON record to OUT/results.json (a rerun skips the runs already there), a table
 OUT/results.md that reads like the paper's Table 1 (mean +- std over runs, 95% t-interval, paired t-test
@@ -18,6 +23,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -37,7 +43,15 @@ from adam import ARCHS, imagenet_normalise, load_checkpoint, write_atomic
 # -----------------------------------------------------------------------------
 # Loading pretrained backbones (shared with eve.py: keep the signature)
 
-INIT_KINDS = ("adam", "moco", "torchvision", "random")
+INIT_KINDS = ("adam", "moco", "torchvision", "imagenet", "timm", "xrv", "random")
+# Said when a file does not fit --arch, per form.
+INIT_HINTS = {
+    "timm": " timm:PATH takes timm's plain ResNets (resnet18 ... resnet152, e.g. resnet50.a1_in1k), whose keys are "
+            "torchvision's; variants with a deep stem or pooled shortcuts (resnet50d, resnet50s, ...) have other layers.",
+    "xrv": " xrv:PATH takes torchxrayvision's ResNet weights (resnet50-res512-all: pass --arch resnet50); its "
+           "DenseNets are pickled whole models, which weights_only loading refuses.",
+    "imagenet": " The cached file does not hold torchvision's weights for this --arch: delete it to download again.",
+}
 
 
 def _resolve_adam_path(path, arch):
@@ -81,6 +95,72 @@ def _backbone_state(obj, path, arch):
     return {k: v for k, v in sd.items() if not k.startswith("fc.")}
 
 
+def _init_state(kind, path, arch):
+    """(backbone state dict in torchvision's key names, where it came from) for one --init form."""
+    if kind == "imagenet":
+        return _imagenet_state(path, arch)
+    if kind == "adam":
+        path = _resolve_adam_path(path, arch)
+    if kind == "timm" and str(path).endswith(".safetensors"):  # the hub's format: tensors only, no pickle
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ValueError(f"--init: reading {path} needs the safetensors package (pip install safetensors)") from None
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--init: no checkpoint at {path}")
+        obj = load_file(path)
+    else:
+        obj = load_checkpoint(path, "--init")
+    sd = _backbone_state(obj, path, arch)
+    if kind == "xrv":
+        sd = xrv_to_imagenet_input(sd, path)
+    return sd, path
+
+
+def _imagenet_state(name, arch):
+    """torchvision's ImageNet weights for `arch` through its weights API: the torch.hub cache
+    ($TORCH_HOME/hub/checkpoints/<file of the weights' URL>) or a download into it, read with weights_only."""
+    from torchvision.models import get_model_weights
+    enum = get_model_weights(arch)
+    try:
+        weights = enum[name] if name else enum.DEFAULT
+    except KeyError:
+        raise ValueError(f"imagenet:{name}: {arch} has weights {[w.name for w in enum]}") from None
+    file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    try:
+        sd = weights.get_state_dict(progress=True, weights_only=True)
+    except Exception as e:  # offline, blocked or a broken file: say where the file goes
+        raise ValueError(f"imagenet: could not read {weights} from {file} nor download it from {weights.url} "
+                         f"({type(e).__name__}: {e}); with no network, put that file at {file}") from None
+    return {k: v for k, v in sd.items() if not k.startswith("fc.")}, f"{file} ({weights})"
+
+
+def xrv_to_imagenet_input(sd, path="xrv"):
+    """torchxrayvision's ResNets take one channel scaled to [-1024, 1024]: x' = 2048 g - 1024 for grey g in [0, 1]
+    (xrv.datasets.normalize). Our backbones take the grey image on 3 channels through imagenet_normalise:
+    x_c = (g - mean_c) / std_c. With W_c = W' 2048 std_c / 3, sum_c W_c * x_c = 2048 W' * g - 2048 mean(mean_c) sum(W'),
+    which differs from W' * x' = 2048 W' * g - 1024 sum(W') by a constant per output channel, folded into bn1's
+    running mean. Exact wherever conv1's 7x7 window stays inside the image; in the 3-pixel border the zero padding
+    stands for g = 0.5 in xrv's input and g = mean_c in ours, so the border responses differ slightly."""
+    w1 = sd.get("conv1.weight")
+    if w1 is None or w1.dim() != 4 or w1.shape[1] != 1:
+        got = "no conv1.weight" if w1 is None else f"conv1.weight {tuple(w1.shape)}"
+        raise ValueError(f"xrv:{path}: {got}, not torchxrayvision's 1-channel conv1; a 3-channel torchvision "
+                         f"ResNet is torchvision:PATH.{INIT_HINTS['xrv']}")
+    if "bn1.running_mean" not in sd:
+        raise ValueError(f"xrv:{path}: no bn1.running_mean, so this is not a torchvision-layout ResNet."
+                         f"{INIT_HINTS['xrv']}")
+    f0 = imagenet_normalise(torch.zeros(1, 1, 1, dtype=torch.float64)).view(1, 3, 1, 1)  # -mean_c / std_c
+    f1 = imagenet_normalise(torch.ones(1, 1, 1, dtype=torch.float64)).view(1, 3, 1, 1)   # (1 - mean_c) / std_c
+    std = 1 / (f1 - f0)
+    mean = -f0 * std
+    w1, sd = w1.double(), dict(sd)
+    sd["conv1.weight"] = (w1 * 2048 * std / 3).to(sd["conv1.weight"].dtype)
+    offset = (2048 * mean.mean() - 1024) * w1.sum((1, 2, 3))           # desired - converted, per output channel
+    sd["bn1.running_mean"] = (sd["bn1.running_mean"].double() - offset).to(sd["bn1.running_mean"].dtype)
+    return sd
+
+
 def load_backbone(init: str, arch: str = "resnet50") -> nn.Module:
     """torchvision ResNet with fc = nn.Identity(), initialised from `init` (see module docstring)."""
     if arch not in ARCHS:
@@ -90,11 +170,10 @@ def load_backbone(init: str, arch: str = "resnet50") -> nn.Module:
     kind, _, path = init.partition(":")
     if kind == "random" and not path:
         return model
-    if kind not in INIT_KINDS or not path:
-        raise ValueError(f"bad --init {init!r}: use adam:PATH, moco:PATH, torchvision:PATH or random")
-    if kind == "adam":
-        path = _resolve_adam_path(path, arch)
-    sd = _backbone_state(load_checkpoint(path, "--init"), path, arch)
+    if kind not in INIT_KINDS or not path and kind != "imagenet":
+        raise ValueError(f"bad --init {init!r}: use adam:PATH, moco:PATH, torchvision:PATH, imagenet, timm:PATH, "
+                         f"xrv:PATH or random")
+    sd, path = _init_state(kind, path, arch)
     want = model.state_dict()
     # Old checkpoints may lack BatchNorm's num_batches_tracked counters; they carry no learned weights.
     for k in want:
@@ -110,7 +189,7 @@ def load_backbone(init: str, arch: str = "resnet50") -> nn.Module:
             if keys:
                 parts.append(f"{len(keys)} {name}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
         raise ValueError(f"{init}: {path} does not hold a complete {arch} backbone ({'; '.join(parts)}). "
-                         f"Is --arch right, and is this a {kind} checkpoint?")
+                         f"Is --arch right, and is this a {kind} checkpoint?{INIT_HINTS.get(kind, '')}")
     model.load_state_dict(sd)
     return model
 
@@ -131,7 +210,31 @@ TASKS = {
     "scr-heart":        dict(kind="seg", structures=("heart",), dataset="jsrt", root="data/jsrt", preset="gpu"),
     "scr-clavicle":     dict(kind="seg", structures=("left_clavicle", "right_clavicle"), dataset="jsrt",
                              root="data/jsrt", preset="gpu"),
+    "scr-lungs":        dict(kind="seg", structures=("left_lung", "right_lung"), dataset="jsrt", root="data/jsrt",
+                             preset="gpu"),
 }
+GENERIC_TASKS = ("multilabel: BCE over the cache's label_names (e.g. a data_prep.py csv cache); multiclass: "
+                 "cross-entropy, one label per image; seg:S1[,S2...]: U-Net on the union of those masks of "
+                 "meta.json's structures (e.g. seg:left_lung,right_lung)")
+
+
+def resolve_task(name):
+    """The TASKS entry of a task name. Besides the named tasks, three forms work on any cache given with
+    --data-root, with no code change (GENERIC_TASKS); they are added to TASKS on first use."""
+    if name in TASKS:
+        return TASKS[name]
+    structures = tuple(s for s in name[len("seg:"):].split(",") if s) if name.startswith("seg:") else ()
+    if name in ("multilabel", "multiclass"):
+        spec = dict(kind="cls", loss="bce" if name == "multilabel" else "ce", dataset=None, root=None, preset="gpu")
+    elif structures:
+        spec = dict(kind="seg", structures=structures, dataset=None, root=None, preset="gpu")
+    else:
+        raise ValueError(f"unknown --task {name!r}: one of {', '.join(TASKS)}, or on any cache with --data-root: "
+                         f"{GENERIC_TASKS}")
+    TASKS[name] = spec
+    return spec
+
+
 # gpu = the authors' recipe (docs/METHOD.md §7); cpu = small enough for the phantom on a laptop CPU in minutes.
 # The cpu preset also narrows the U-Net decoder 2x (smp's default is 256,128,64,32,16): the decoder starts
 # random for every init, and at 64 px its full width is a large share of a CPU step.
@@ -143,7 +246,9 @@ LR = {"cls": 2e-4, "seg": 1e-3}  # docs/METHOD.md §7: Adam lr 2e-4 (classificat
 
 
 def open_task_cache(task, root):
-    spec = TASKS[task]
+    spec = resolve_task(task)
+    if not (root or spec["root"]):
+        raise ValueError(f"--task {task} works on any cache: pass it with --data-root")
     root = Path(root or spec["root"])
     cache = data_prep.open_dataset(spec["dataset"], root)  # as adam.py opens it; a missing phantom is generated
     if spec["kind"] == "seg":
@@ -510,13 +615,16 @@ def write_plot(records, path):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("task and data")
-    g.add_argument("--task", required=True, choices=list(TASKS), help="downstream task")
+    g.add_argument("--task", required=True, help=f"downstream task: {', '.join(TASKS)}; or, on any cache given "
+                   f"with --data-root, {GENERIC_TASKS}")
     g.add_argument("--data-root", default=None,
                    help="data_prep cache (default data/<dataset>); phantom tasks generate it when missing")
     g = p.add_argument_group("starting points")
     g.add_argument("--init", action="append", default=None,
-                   help="repeatable: adam:PATH, moco:PATH, torchvision:PATH or random, optionally NAME=SPEC; "
-                        "the first one is the reference of the paired test (default: random)")
+                   help="repeatable: adam:PATH, moco:PATH, torchvision:PATH, imagenet[:WEIGHTS] (torchvision's, "
+                        "from the torch.hub cache or downloaded), timm:PATH, xrv:PATH (torchxrayvision ResNet) or "
+                        "random, optionally NAME=SPEC; the first one is the reference of the paired test "
+                        "(default: random)")
     g.add_argument("--arch", default=None, choices=ARCHS, help="backbone (adam.ARCHS); must match the checkpoint "
                    "(default: resnet50 on real data, resnet18 on phantoms)")
     g.add_argument("--freeze", action="store_true",
@@ -550,6 +658,12 @@ def get_args(argv=None):
     g.add_argument("--save", default="best", choices=("best", "none"),
                    help="best: write each run's best-epoch weights to OUT/checkpoints/")
     args = p.parse_args(argv)
+    try:
+        resolve_task(args.task)
+    except ValueError as e:
+        p.error(str(e))
+    if TASKS[args.task]["root"] is None and not args.data_root:
+        p.error(f"--task {args.task} works on any cache: pass it with --data-root (a data_prep.py output folder)")
     preset = PRESETS[TASKS[args.task]["preset"] if args.preset == "auto" else args.preset]
     for k, v in preset.items():
         if getattr(args, k) is None:

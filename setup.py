@@ -43,12 +43,8 @@ else:
     print("adam_ext: no CUDA toolkit found (or ADAM_EXT_CPU_ONLY=1): building the CPU kernel only", file=sys.stderr)
     ext = CppExtension("adam_ext._C", ["csrc/info_nce.cpp"], extra_compile_args={"cxx": cxx_flags})
 
+# Name, version, dependencies and the modules installed: pyproject.toml. Here: the extension only.
 setup(
-    name="adam_ext",
-    version="0.1.0",
-    description="Fused purposive pruning + InfoNCE op for Adam (CPU and CUDA)",
-    packages=["adam_ext"],
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    python_requires=">=3.9",
 )

@@ -286,11 +286,12 @@ def test_dicom_folder_monochrome1(tmp_path):
     c = dp.open_cache(out)
     assert [r["name"] for r in c.index] == ["a.png", "sub/chest.dcm"]
     assert all(r["split"] == "train" for r in c.index)
+    from pydicom.pixels import apply_voi_lut
     ds = pydicom.dcmread(dcm)
-    assert ds.PhotometricInterpretation == "MONOCHROME1"
+    assert ds.PhotometricInterpretation == "MONOCHROME1" and "VOILUTFunction" not in ds   # LINEAR window
     a = ds.pixel_array.astype(np.float64)
-    lo, hi = float(ds.WindowCenter) - float(ds.WindowWidth) / 2, float(ds.WindowCenter) + float(ds.WindowWidth) / 2
-    g = 255 - np.rint(np.clip((a - lo) / (hi - lo), 0, 1) * 255)   # window, then invert MONOCHROME1
+    top = 2 ** ds.BitsStored - 1                                   # unsigned, no rescale: output 0 .. 2^15 - 1
+    g = 255 - np.rint(apply_voi_lut(a, ds) / top * 255)            # pydicom's window, then invert MONOCHROME1
     h, w = g.shape
     s = max(h, w)
     canvas = np.zeros((s, s), np.uint8)

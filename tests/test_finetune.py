@@ -141,7 +141,9 @@ def test_incomplete_or_wrong_checkpoints_are_refused(tmp_path, reference):
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         finetune.load_backbone(f"torchvision:{tmp_path / 'nope.pth'}", ARCH)
     with pytest.raises(ValueError, match="bad --init"):
-        finetune.load_backbone("imagenet", ARCH)
+        finetune.load_backbone("simclr:x.pth", ARCH)
+    with pytest.raises(ValueError, match="bad --init"):
+        finetune.load_backbone("timm", ARCH)                     # a file form without its file
 
 
 def test_few_shot_draws_reproducible_and_disjoint(phantom_root):

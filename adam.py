@@ -13,7 +13,7 @@ Sections, in the order of the paper (Sect. 2, Fig. 2; the method's spec is docs/
   6. Purposive Pruner + InfoNCE   info_nce(): drop bank entries too similar to the anchor, then contrast
   7. teacher keys           shuffle BN across processes
   8. training               main(): one stage per level (0 -> 2 -> 4) and the training step; validate()
-  9. plumbing               devices, loss path, data, loaders, checkpoints, export
+  9. plumbing               devices, loss path, data, loaders (the run folder, checkpoints, export: runs.py)
 
 `python adam.py` runs the CPU demo on procedurally generated chest phantoms (preset "demo");
 `python adam.py --data chestxray14` runs the paper's recipe (preset "paper"); `torchrun` runs it on
@@ -21,7 +21,6 @@ many GPUs (or CPU processes with gloo). See README.md.
 """
 import argparse
 import copy
-import json
 import math
 import os
 import sys
@@ -33,7 +32,6 @@ from pathlib import Path
 # libgomp; an explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -42,6 +40,7 @@ import torchvision
 from torchvision.transforms import v2 as T
 
 import data_prep  # datasets: numpy + pillow only
+import runs  # the run folder: args.json, log.jsonl, checkpoints, exports, resume
 from data_prep import DataError  # bad input data, named with its file
 
 # -----------------------------------------------------------------------------
@@ -126,7 +125,7 @@ def parse_args(argv=None):
                         "needs the tensorboard package (pip install tensorboard)")
     args = p.parse_args(argv)
     if args.resume:  # the saved flags become the defaults; what the user passes again wins
-        saved = load_checkpoint(Path(args.resume) / "checkpoint.pth")["args"]
+        saved = runs.load_checkpoint(Path(args.resume) / "checkpoint.pth")["args"]
         saved = {k: v for k, v in saved.items() if k not in ("resume", "out")}
         p.set_defaults(**saved)
         args = p.parse_args(argv)
@@ -346,10 +345,8 @@ def main(argv=None):
         if world > 1 else student
     fused = choose_loss(args.loss, device, say)
     lr = args.lr * args.batch_size / 256                           # linear scaling rule
-    start_stage, start_epoch, step, ckpt = resume(args, student, teacher, bank, say)
-    if rank == 0:
-        write_args_json(out, args, fused)                          # OUT/args.json: settings, versions, commit
-    tb = tensorboard_writer(args, out) if rank == 0 else None      # --tensorboard, else None
+    start_stage, start_epoch, step, ckpt = runs.resume(args, student, teacher, bank, say)
+    run = runs.RunFolder(args, fused, active=rank == 0)            # OUT: args.json, log, checkpoints, exports
     steps_per_epoch = min(len(train_images) // args.batch_size, args.steps_per_epoch or math.inf)
     total_steps = len(args.level_list) * args.epochs * steps_per_epoch
     say(f"data: {train_images.name}, {len(train_images)} train images; {args.arch} at {args.img_size} px; "
@@ -394,9 +391,7 @@ def main(argv=None):
                 loss_v, pruned_v = loss.item(), pruned.item()
                 loss_sum, pruned_sum = loss_sum + loss_v, pruned_sum + pruned_v
                 stage_log["losses"].append(loss_v)
-                if tb:
-                    tb.add_scalar("train/loss", loss_v, step)
-                    tb.add_scalar("train/pruned", pruned_v, step)
+                run.step(step, loss=loss_v, pruned=pruned_v)
                 if (i + 1) % args.print_freq == 0 or i + 1 == steps_per_epoch:
                     eta = (time.time() - t_run) / steps_run * (total_steps - step)
                     say(f"level {level} epoch {epoch + 1}/{args.epochs} step {i + 1}/{steps_per_epoch} "
@@ -409,17 +404,10 @@ def main(argv=None):
                       "val_loss": validate(student, teacher, bank, val_images, level, t, args, fused,
                                            device, world, rank, batch, views)}
             stage_log["epochs"].append(record)
-            if rank == 0:
-                end_of_epoch(out, args, record, student, teacher, bank, optimizer, summary)
-            if tb:
-                for key in ("loss", "lr", "pruned", "images_per_s", "val_loss"):
-                    if record[key] is not None:
-                        tb.add_scalar(f"epoch/{key}", record[key], step)
-                tb.flush()
+            run.end_of_epoch(record, student, teacher, bank, optimizer, summary)
         losses = [e["loss"] for e in stage_log["epochs"]] or [float("nan")]
         say(f"== stage level {level} done: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-    if tb:
-        tb.close()
+    run.close()
     say(f"done in {(time.time() - t_run) / 60:.1f} min; backbones: {', '.join(summary['backbones']) or '-'}")
     return summary
 
@@ -447,7 +435,7 @@ def validate(student, teacher, bank, val_images, level, t, args, fused, device, 
 
 
 # -----------------------------------------------------------------------------
-# 9. Plumbing: devices, the loss path, data sources and loaders, checkpoints and export.
+# 9. Plumbing: devices, the loss path, data sources and loaders (checkpoints and exports: runs.py).
 
 def setup_devices(args):
     """Returns (device, rank, world). torchrun sets WORLD_SIZE; gloo on CPU, nccl on CUDA. --tf32 on CUDA."""
@@ -531,123 +519,6 @@ def to_views(item, views, device, memory_format=torch.preserve_format):
     if views is not None:
         item = views(item[0].to(device, non_blocking=True), *item[1:])
     return tuple(x.to(device, non_blocking=True, memory_format=memory_format) for x in item)
-
-
-def write_atomic(path, write):
-    """write(tmp path), then rename it onto path (made with its folder): a reader or a crash sees the old file or
-    the new one, never half of one. The writer of every checkpoint, result and figure. Returns str(path)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return str(path)
-
-
-def load_checkpoint(path, flag="--resume"):
-    """torch.load(weights_only=True): a checkpoint is data, not code. The one checkpoint reader (adam.py
-    --resume, finetune.py and eve.py --init); errors name the flag and the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{flag}: no checkpoint at {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only refuses arbitrary objects; say which file
-        raise ValueError(f"{flag}: could not load {path} with torch.load(weights_only=True): {e}") from e
-
-
-def save_checkpoint(path, **state):
-    write_atomic(path, lambda p: torch.save(state, p))
-
-
-def resume(args, student, teacher, bank, say):
-    """--resume: the last checkpoint's student, teacher, bank and RNG state -> (stage, epoch, step, checkpoint)
-    to continue from; (0, 0, 0, None) for a fresh run. The optimiser state is restored by its stage."""
-    if not args.resume:
-        return 0, 0, 0, None
-    ckpt = load_checkpoint(Path(args.resume) / "checkpoint.pth")
-    student.load_state_dict(ckpt["student"])
-    teacher.load_state_dict(ckpt["teacher"])
-    bank.queue.copy_(ckpt["bank"])
-    bank.ptr = ckpt["bank_ptr"]
-    stage, epoch = ckpt["stage"], ckpt["epoch"]
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if epoch == args.epochs:                                       # that stage had finished
-        stage, epoch = stage + 1, 0
-    say(f"resuming {args.resume}: stage {stage + 1}, epoch {epoch + 1}, step {ckpt['step']}")
-    return stage, epoch, ckpt["step"], ckpt
-
-
-def end_of_epoch(out, args, record, student, teacher, bank, optimizer, summary):
-    """Rank 0 after each epoch: a log line, the backbone at the end of a stage, the checkpoint resume() reads."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-    if record["epoch"] == args.epochs:                             # end of stage: export the backbone
-        summary["backbones"].append(export_backbone(student, out / f"adam_{args.arch}_level{record['level']}.pth"))
-    save_checkpoint(out / "checkpoint.pth", args=dict(vars(args)), arch=args.arch, level=record["level"],
-                    stage=record["stage"], epoch=record["epoch"], step=record["step"],
-                    student=student.state_dict(), teacher=teacher.state_dict(), bank=bank.queue.cpu(),
-                    bank_ptr=bank.ptr, optimizer=optimizer.state_dict(), rng={"torch": torch.get_rng_state()})
-
-
-def export_backbone(student, path):
-    """The backbone alone, torchvision keys: torchvision.models.<arch>() loads it with only fc.* missing."""
-    state = {k: v.contiguous() for k, v in student.backbone.state_dict().items()}
-    return write_atomic(path, lambda p: torch.save(state, p))
-
-
-def write_args_json(out, args, fused):
-    """OUT/args.json when a run starts: every setting, the versions of python, torch, torchvision, CUDA and the op,
-    the loss path, the git commit of this file's checkout (null outside one) and the command line. A resumed run
-    keeps the earlier starts under "previous_starts"."""
-    import platform
-    import subprocess
-
-    def git(*cmd):
-        try:
-            r = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), *cmd], capture_output=True,
-                               text=True, timeout=10)
-            return r.stdout.strip() if r.returncode == 0 else None
-        except (OSError, subprocess.SubprocessError):
-            return None
-    try:
-        import adam_ext
-        op = adam_ext.build_info()
-    except ImportError as e:
-        op = f"not importable ({e})"
-    path, previous = Path(out) / "args.json", []
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-            previous = old.pop("previous_starts", []) + [old]
-        except ValueError:
-            pass                                                   # unreadable: replaced
-    commit = git("rev-parse", "HEAD")
-    info = {"args": dict(vars(args)), "loss": "fused adam_ext op" if fused else "pure-PyTorch reference",
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "torchvision": torchvision.__version__, "numpy": np.__version__, "adam_ext": op,
-                         "cuda": torch.version.cuda},
-            "commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None,
-            "command": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "previous_starts": previous}
-    return write_atomic(path, lambda p: Path(p).write_text(json.dumps(info, indent=1, default=str)))
-
-
-def tensorboard_writer(args, out):
-    """--tensorboard: a SummaryWriter on OUT/tb, or None without the flag. TensorBoard is never required; asking
-    for it without the package is one clear error at start, not a run without curves."""
-    if not args.tensorboard:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise ValueError(f"--tensorboard needs the tensorboard package ({e}): pip install tensorboard, "
-                         f"or run without --tensorboard (log.jsonl has the same numbers)") from None
-    return SummaryWriter(log_dir=str(Path(out) / "tb"))
 
 
 if __name__ == "__main__":

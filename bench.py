@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 import adam
 import adam_ext
+import runs
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 g = parser.add_argument_group("what to run")
@@ -364,7 +365,7 @@ def main(argv=None):
     table = fmt_table(rows)
     print("\n" + head + "\n\n" + table)
     if args.md:
-        adam.write_atomic(args.md, lambda p: p.write_text(head + "\n\n" + table + "\n"))
+        runs.write_atomic(args.md, lambda p: p.write_text(head + "\n\n" + table + "\n"))
     return rows
 
 

@@ -33,7 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data_prep
-from adam import ARCHS, imagenet_normalise, write_atomic
+from adam import ARCHS, imagenet_normalise
+from runs import write_atomic
 from finetune import load_backbone  # every checkpoint form finetune.py accepts
 
 WHAT = ("locality", "compositionality", "correspondence")

@@ -38,7 +38,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 import data_prep
-from adam import ARCHS, imagenet_normalise, load_checkpoint, write_atomic
+from adam import ARCHS, imagenet_normalise
+from runs import load_checkpoint, write_atomic
 
 # -----------------------------------------------------------------------------
 # Loading pretrained backbones (shared with eve.py: keep the signature)

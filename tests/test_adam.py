@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import torchvision
 
 import adam
+import runs
 from bench import loop_info_nce  # the brute-force reference: docs/METHOD.md §4 one anchor at a time
 from conftest import ROOT, TINY_RUN
 
@@ -176,17 +177,17 @@ def test_resume_mid_stage_gives_the_same_losses(phantom_root, tmp_path, monkeypa
     extra = ["--levels", "0,2", "--epochs", "2", "--steps-per-epoch", "2"]
     full = run(phantom_root, tmp_path / "full", *extra)
     saves = []
-    real_save = adam.save_checkpoint
+    real_save = runs.save_checkpoint
 
     def save_then_die(path, **state):  # the process "dies" right after the 3rd checkpoint (stage 2, epoch 1)
         real_save(path, **state)
         saves.append(state["epoch"])
         if len(saves) == 3:
             raise KeyboardInterrupt
-    monkeypatch.setattr(adam, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(runs, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(phantom_root, tmp_path / "cut", *extra)
-    monkeypatch.setattr(adam, "save_checkpoint", real_save)
+    monkeypatch.setattr(runs, "save_checkpoint", real_save)
     resumed = adam.main(["--resume", str(tmp_path / "cut")])
     assert resumed["stages"][0]["level"] == 2
     assert resumed["stages"][0]["losses"] == full["stages"][1]["losses"][2:]

@@ -3,7 +3,6 @@ pydicom's modality and VOI LUT functions, and finetune.py on any labelled cache 
 Tiny images (20 px sources, 16-32 px caches), one thread."""
 import csv
 import json
-import shutil
 import sys
 from pathlib import Path
 

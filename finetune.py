@@ -6,7 +6,8 @@ and few-shot segmentation, with the authors' protocol (docs/METHOD.md §7) and h
     python finetune.py --task chestxray14 --data-root data/chestxray14 --init moco:moco_v2.pth.tar --runs 3
 
 Starting points (--init, repeatable; "NAME=SPEC" gives a row its own name in the table):
-    adam:PATH         adam.py's <out>/checkpoint.pth, an exported adam_<arch>_level<n>.pth, or a run folder
+    adam:PATH         adam.py's run folder (its last level's lowest-validation-loss export; RUN@last: the last
+                      epoch's), its checkpoint.pth or an exported adam_<arch>_level<n>[_best].pth
     moco:PATH         MoCo-style checkpoint: {"state_dict": {"module.encoder_q.conv1.weight": ...}}
     torchvision:PATH  a torchvision ResNet state dict (its fc.* head is dropped)
     imagenet[:NAME]   torchvision's ImageNet weights for --arch through its weights API (NAME e.g. IMAGENET1K_V1;
@@ -39,7 +40,7 @@ from torchvision.transforms import v2
 
 import data_prep
 from adam import ARCHS, imagenet_normalise
-from runs import load_checkpoint, write_atomic
+from runs import backbone_file, load_checkpoint, write_atomic
 
 # -----------------------------------------------------------------------------
 # Loading pretrained backbones (shared with eve.py: keep the signature)
@@ -56,22 +57,16 @@ INIT_HINTS = {
 
 
 def _resolve_adam_path(path, arch):
-    """A run folder means its last-level exported backbone (or checkpoint.pth if nothing was exported)."""
-    path = Path(path)
+    """adam:RUN (a run folder) = the last level's backbone with the lowest validation loss, adam:RUN@last = its last
+    epoch (runs.backbone_file, the run folder's own naming); a file is itself. Says which file it took."""
+    path, which = Path(path), "best"
+    if not path.exists() and path.name.rpartition("@")[2] in ("best", "last"):
+        path, which = path.with_name(path.name.rpartition("@")[0]), path.name.rpartition("@")[2]
     if not path.is_dir():
         return path
-    levels = []
-    for p in path.glob(f"adam_{arch}_level*.pth"):
-        m = re.fullmatch(rf"adam_{arch}_level(\d+)\.pth", p.name)
-        if m:
-            levels.append((int(m.group(1)), p))
-    if levels:
-        return max(levels)[1]
-    if (path / "checkpoint.pth").is_file():
-        return path / "checkpoint.pth"
-    others = sorted(p.name for p in path.glob("adam_*_level*.pth"))
-    hint = f" (found {others}: pass the matching --arch)" if others else ""
-    raise FileNotFoundError(f"no adam_{arch}_level<n>.pth or checkpoint.pth in run folder {path}{hint}")
+    file, what = backbone_file(path, arch, which)
+    print(f"--init adam:{path}{'@last' if which == 'last' else ''}: {file} ({what})", flush=True)
+    return file
 
 
 def _backbone_state(obj, path, arch):

@@ -1,6 +1,7 @@
 """The authors' recipe around the method: shuffle BN in one process (adam.SplitBatchNorm, adam.shuffle_groups),
 best-validation exports and their choice by finetune.py / eve.py (runs.py), the CUDA random state in the
 checkpoint."""
+import json
 import subprocess
 import sys
 import types
@@ -251,3 +252,79 @@ def test_cuda_random_state_round_trip_on_a_gpu(phantom_root, tmp_path):
     draws = torch.rand(4, device="cuda")                          # the stream continues where the run left it
     torch.cuda.set_rng_state(saved[torch.cuda.current_device()])
     assert torch.equal(draws, torch.rand(4, device="cuda"))
+
+
+# ---- the authors' train/val lists (data_prep.py chestxray14 --train-list / --val-list) -----------------------
+
+@pytest.fixture(scope="module")
+def cxr14_tree(tmp_path_factory):
+    from test_data_prep import _make_cxr14
+    return _make_cxr14(tmp_path_factory.mktemp("cxr14") / "src", "flat")
+
+
+def _lists(tree, tmp_path, train, val):
+    """List files in the authors' format: name, then 14 label columns (ignored)."""
+    paths = []
+    for name, names in (("train.txt", train), ("val.txt", val)):
+        (tmp_path / name).write_text("".join(f"{n} 0 1 0 0 0 0 0 0 0 0 0 0 0 0\n" for n in names))
+        paths.append(tmp_path / name)
+    return paths
+
+
+def _train_val_by_patient(tree):
+    """The fake download's train_val images in CSV, split by patient: patients 5-8 to val, the rest to train."""
+    tv = [(n, int(p)) for n, p, _ in tree["recs"] if n not in tree["test"] and n != tree["not_in_csv"]]
+    return [n for n, p in tv if not 5 <= p <= 8], [n for n, p in tv if 5 <= p <= 8]
+
+
+def test_train_and_val_lists_make_the_split(cxr14_tree, tmp_path):
+    import data_prep
+    train, val = _train_val_by_patient(cxr14_tree)
+    train_file, val_file = _lists(cxr14_tree, tmp_path, train[1:], val)          # train[0]: in neither list
+    out = tmp_path / "cache"
+    data_prep.main(["chestxray14", "--src", str(cxr14_tree["root"]), "--out", str(out), "--size", "16",
+                    "--skip-bad", "--workers", "1", "--train-list", str(train_file), "--val-list", str(val_file)])
+    cache = data_prep.open_cache(out)
+    split = {r["name"]: r["split"] for r in cache.index}
+    ok = lambda names: [n for n in names if n != cxr14_tree["truncated"]]  # the truncated file is skipped
+    assert sorted(n for n, s in split.items() if s == "train") == sorted(ok(train[1:]))
+    assert sorted(n for n, s in split.items() if s == "val") == sorted(ok(val))
+    assert {n for n, s in split.items() if s == "test"} == cxr14_tree["test"] - {cxr14_tree["truncated"]}
+    report = json.loads((out / "report.json").read_text())
+    assert report["split_rule"] == "train/val: --train-list / --val-list"
+    assert report["split_lists"]["train_list"]["images"] == len(train) - 1
+    assert report["split_lists"]["val_list"]["images"] == len(val)
+    assert report["split_lists"]["val_list"]["file"] == str(val_file.resolve())
+    assert len(report["split_lists"]["train_list"]["sha256"]) == 64
+    assert report["train_val_in_neither_list"] == [train[0]]
+
+
+@pytest.mark.parametrize("fault", ["missing", "overlap", "shared_patient", "twice", "test_image", "one_list"])
+def test_bad_lists_are_refused_naming_file_and_image(cxr14_tree, tmp_path, capsys, fault):
+    import data_prep
+    train, val = _train_val_by_patient(cxr14_tree)
+    named = {"missing": "99999999_000.png", "overlap": val[0], "shared_patient": train[0], "twice": val[0],
+             "test_image": sorted(cxr14_tree["test"])[0], "one_list": None}[fault]
+    patient_mate = next(n for n in train if n != train[0] and n[:8] == train[0][:8])  # patient with 2+ train images
+    bad_val = {"missing": val + [named], "overlap": val, "shared_patient": val + [patient_mate],
+               "twice": val + [val[0]], "test_image": val + [named], "one_list": val}[fault]
+    bad_train = [n for n in train if n != patient_mate] + ([val[0]] if fault == "overlap" else [])
+    train_file, val_file = _lists(cxr14_tree, tmp_path, bad_train, bad_val)
+    argv = ["chestxray14", "--src", str(cxr14_tree["root"]), "--out", str(tmp_path / "cache"), "--size", "16",
+            "--workers", "1", "--val-list", str(val_file)] + ([] if fault == "one_list" else
+                                                              ["--train-list", str(train_file)])
+    with pytest.raises(SystemExit):
+        data_prep.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not (tmp_path / "cache").exists()
+    if fault == "one_list":
+        assert "--train-list and --val-list go together" in err[-1]
+        return
+    line = err[0]
+    assert line.startswith("error: ") and named in line, err
+    assert {"missing": f"--val-list {val_file} line {len(val) + 1}: {named} is not an image of the label CSV",
+            "overlap": f"--val-list {val_file} line 1: {named} is also in --train-list {train_file}",
+            "shared_patient": f"--val-list {val_file} line {len(val) + 1}: {patient_mate}: its patient "
+                              f"{int(patient_mate[:8])} also has",
+            "twice": f"--val-list {val_file} line {len(val) + 1}: {named} is listed twice",
+            "test_image": f"--val-list {val_file} line {len(val) + 1}: {named} is in test_list.txt"}[fault] in line

@@ -2,6 +2,7 @@
 best-validation exports and their choice by finetune.py / eve.py (runs.py), the CUDA random state in the
 checkpoint."""
 import json
+import math
 import subprocess
 import sys
 import types
@@ -86,7 +87,8 @@ def test_teacher_groups_mix_every_student_group(B, G):
 
 def _batchnorm_groups(out, x):
     """Image i -> the images normalised with the same statistics. Each image has two pixels a, b, normalised to
-    (a - mean) / std and (b - mean) / std (weight 1, bias 0), which gives back the mean and std it was normalised with."""
+    (a - mean) / std and (b - mean) / std (weight 1, bias 0), which gives back the mean and std it was normalised
+    with."""
     std = (x[:, 0, 0, 0] - x[:, 0, 0, 1]) / (out[:, 0, 0, 0] - out[:, 0, 0, 1])
     stats = torch.stack([x[:, 0, 0, 0] - out[:, 0, 0, 0] * std, std], 1)          # B x 2, float64
     same = torch.cdist(stats, stats) < 1e-9
@@ -328,3 +330,112 @@ def test_bad_lists_are_refused_naming_file_and_image(cxr14_tree, tmp_path, capsy
                               f"{int(patient_mate[:8])} also has",
             "twice": f"--val-list {val_file} line {len(val) + 1}: {named} is listed twice",
             "test_image": f"--val-list {val_file} line {len(val) + 1}: {named} is in test_list.txt"}[fault] in line
+
+
+# ---- segmentation fine-tuning as the authors' benchmark code (finetune.py) ----------------------------------
+
+def test_dice_loss_and_score_pool_the_pixels_of_all_images():
+    # two images of two pixels, p = sigmoid(0) = .5 everywhere, targets (1, 1) and (0, 0):
+    # pooled 1 - (2 * 1 + 1) / (2 + 2 + 1) = 0.4 (the mean of per-image losses would be (0.25 + 0.5) / 2 = 0.375)
+    logits, target = torch.zeros(2, 1, 1, 2), torch.tensor([[[[1.0, 1.0]]], [[[0.0, 0.0]]]])
+    assert float(finetune.dice_loss(logits, target)) == pytest.approx(0.4)
+    pred = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    gt = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    # 2 * (1 + 0 + 0 + 2) / (4 + 0 + 1 + 5) = 0.6; per image 0.5, 1, 0, 0.8
+    assert float(finetune.dice_score(pred, gt, pooled=True)) == pytest.approx(0.6)
+    assert float(finetune.dice_score(torch.zeros(2, 3, dtype=torch.bool), torch.zeros(2, 3, dtype=torch.bool),
+                                     pooled=True)) == 1.0
+
+
+def _augment(S, branch, seed=0):
+    """A SegAugment with one branch forced on and the others off."""
+    aug = finetune.SegAugment(S)
+    for name in ("intensity", "elastic", "crop"):
+        setattr(aug, f"p_{name}", 1.0 if name == branch else 0.0)
+    torch.manual_seed(seed)
+    return aug
+
+
+def _ramp(S):
+    """Image whose grey value is the column / (S - 1), and a mask of the left half."""
+    from torchvision import tv_tensors
+    x = torch.linspace(0, 1, S).expand(1, S, S).clone()
+    return tv_tensors.Image(x), tv_tensors.Mask((x < 0.5).to(torch.uint8))
+
+
+@pytest.mark.parametrize("S", [64, 224])
+def test_seg_augment_elastic_moves_pixels_as_far_as_theirs(S):
+    """Their elastic deformation (albumentations 0.4.3: displacement = gaussian_filter(U(-1, 1), sigma=6) * 120 px)
+    moves a pixel by 120 / (sqrt(3) 2 sqrt(pi) 6) = 3.26 px (std per axis) at 224 px, scaled with S/224 here.
+    Measured from the ramp image: grey value * (S - 1) is where the pixel came from. The mask moves with it."""
+    shifts = []
+    for seed in range(6):
+        x, m = _augment(S, "elastic", seed)(*_ramp(S))
+        inner = slice(S // 8, -S // 8)                                  # away from the zero-padded border
+        shifts.append((x[0] * (S - 1) - torch.arange(S))[inner, inner].flatten())
+        assert ((x[0] < 0.5) == m[0].bool())[inner, inner].float().mean() > 0.97
+    want = 120 / (3 ** 0.5 * 2 * math.pi ** 0.5 * 6) * S / 224
+    assert float(torch.cat(shifts).std()) == pytest.approx(want, rel=0.2)
+
+
+def test_seg_augment_crop_zooms_into_a_square_of_156_to_224_px():
+    S = 224
+    for seed in range(8):
+        x, m = _augment(S, "crop", seed)(*_ramp(S))
+        assert x.shape == (1, S, S) and m.shape == (1, S, S)
+        side = float(x[0, S // 2, -1] - x[0, S // 2, 0]) * (S - 1) + 1          # columns the crop spanned
+        assert 156 - 2 <= side <= 224 + 1
+        assert torch.equal(x[0, 0], x[0, -1])                             # a square crop, no rotation
+        assert ((x[0] < 0.5) == m[0].bool()).float().mean() > 0.98
+
+
+def test_seg_augment_intensity_is_brightness_contrast_or_gamma():
+    S = 32
+    for seed in range(20):
+        x0, m0 = _ramp(S)
+        x, m = _augment(S, "intensity", seed)(x0, m0)
+        assert torch.equal(m, m0)
+        g, y = x0[0, 0].double(), x[0, 0].double()                   # a row: the ramp before and after
+        free = (y > 1e-6) & (y < 1 - 1e-6)                                 # not clipped at 0 or 1
+        a, b = torch.linalg.lstsq(torch.stack([g[free], torch.ones_like(g[free])], 1), y[free, None]).solution.flatten()
+        linear = torch.allclose((g * a + b).clamp(0, 1), y, atol=1e-5) and abs(a - 1) <= 0.2 + 1e-6 and abs(b) <= 0.2
+        inside = free & (g > 1e-2) & (g < 1 - 1e-2)
+        gamma = (y[inside].log() / g[inside].log()).median()
+        power = torch.allclose(g.pow(gamma), y, atol=1e-4) and 0.8 - 1e-6 <= gamma <= 1.2 + 1e-6
+        assert linear or power, seed
+    assert (finetune.SegAugment.p_intensity, finetune.SegAugment.p_elastic, finetune.SegAugment.p_crop) == (
+        0.3, 0.1, 0.25)
+
+
+def test_segmentation_schedule_patience_and_one_pass_epochs(phantom_root, tmp_path, monkeypatch):
+    """Planted validation losses: better at epochs 1-2, then never: with --patience 2 the run stops after epoch 5
+    (the third epoch without improvement), tests epoch 2. The lr of epoch e is the authors' cosine set after epoch
+    e - 1; --min-iters 0 (the gpu preset's) makes a 3-shot epoch one batch of the 3 images."""
+    curve = iter([1.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    monkeypatch.setattr(finetune, "_val_loss", lambda *a: next(curve))
+    lrs, batches = [], []
+
+    class Recording(torch.optim.Adam):
+        def step(self, *a, **k):
+            lrs.append(self.param_groups[0]["lr"])
+            return super().step(*a, **k)
+    monkeypatch.setattr(finetune.torch.optim, "Adam", Recording)
+    real_loss = finetune.dice_loss
+    monkeypatch.setattr(finetune, "dice_loss", lambda p, t: batches.append(len(t)) or real_loss(p, t))
+    summary = finetune.main(["--task", "phantom-heart", "--data-root", str(phantom_root), "--arch", "resnet18",
+                             "--img-size", "32", "--shots", "3", "--epochs", "10", "--batch-size", "8",
+                             "--min-iters", "0", "--patience", "2", "--lr", "0.01", "--device", "cpu",
+                             "--save", "none", "--out", str(tmp_path)])
+    (r,) = summary["records"]
+    assert (r["epochs"], r["best_epoch"], r["patience"], r["min_iters"]) == (5, 2, 2, 0)
+    assert batches == [3] * 5
+    assert lrs == pytest.approx([0.01 * 0.5 * (1 + math.cos(math.pi * max(e - 2, 0) / 10)) for e in range(1, 6)])
+    assert 0 <= r["dice_mean_per_image"] <= 100 and 0 <= r["value"] <= 100
+
+
+def test_finetune_defaults_follow_the_authors():
+    seg = finetune.get_args(["--task", "scr-heart", "--data-root", "x"])
+    cls = finetune.get_args(["--task", "chestxray14", "--data-root", "x"])
+    assert (seg.patience, seg.min_iters, seg.batch_size, seg.epochs, seg.img_size) == (20, 0, 32, 200, 224)
+    assert finetune._config(seg)["lr"] == 1e-3 and finetune._config(cls)["lr"] == 2e-4 and cls.patience == 10
+    assert finetune.get_args(["--task", "phantom-heart"]).min_iters == 10

@@ -61,7 +61,8 @@ LANDMARKS = ["trachea_top", "carina", "left_apex", "right_apex", "left_costophre
 CXR14_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis",
                 "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax"]
 CXR14_TRAIN, CXR14_VAL = 75312, 11212          # the authors' split of train_val_list.txt (docs/METHOD.md §5)
-DEFAULT_SIZE = {"phantom": 256, "chestxray14": 512, "eyepacs": 512, "jsrt": 512, "folder": 512, "csv": 512}
+# chestxray14: 1024, the originals' side, from which the authors cut their parts (README "Resolution")
+DEFAULT_SIZE = {"phantom": 256, "chestxray14": 1024, "eyepacs": 512, "jsrt": 512, "folder": 512, "csv": 512}
 # Test hook: SIGKILL ourselves after this many images have been written (simulates a killed run).
 KILL_AFTER_ENV = "ADAM_DATA_PREP_KILL_AFTER"
 
@@ -1486,10 +1487,11 @@ def main(argv=None):
         g.add_argument("--out", type=Path, default=None, help=f"cache folder to create (default data/{name})")
         g.add_argument("--force", action="store_true", help="rebuild even if --out already holds a cache")
         size_help = {
-            "chestxray14": "side of the cached square images. 512 (default): a level-4 part (1/4 of the side, "
-                           "docs/METHOD.md §2) keeps 128 px, so the random resized crop (scale 0.2-1) to 224 "
-                           "upsamples at most ~4x instead of ~8x at 256; 112,120 images take 29 GB. "
-                           "Use 1024 (117 GB) for no loss at all, 384 (16.5 GB) if disk is short.",
+            "chestxray14": "side of the cached square images. 1024 (default): the originals' pixels, unresampled, "
+                           "so a level-4 part is 256 px as in the authors' code; 112,120 images take 117.6 GB "
+                           "(109.5 GiB). 512 (29.4 GB) if disk is short: level-4 parts are then 128 px, upsampled "
+                           "1.75-3.9x into a 224 px view. The input pipeline costs the same CPU per image at every "
+                           "size (README 'Resolution').",
             "phantom": "side of the phantom images (256 default; 64 for tests)",
         }.get(name, "side of the cached square images (default 512)")
         g.add_argument("--size", type=int, default=DEFAULT_SIZE[name], help=size_help)

@@ -346,8 +346,8 @@ def teacher_keys(teacher, x_k, groups=1):
     """k = h_xi(f_xi(x_k)). One process: the batch in shuffle_groups' order (G = 1: as it is, plain BN). Several:
     MoCo's shuffle BN, the batch permuted across ranks before the teacher (and split into G groups on each)."""
     if not dist.is_initialized():
-        perm = shuffle_groups(x_k.shape[0], groups).to(x_k.device)
-        return teacher(x_k[perm])[perm.argsort()]
+        perm = shuffle_groups(x_k.shape[0], groups).to(x_k.device) if groups > 1 else None
+        return teacher(x_k) if perm is None else teacher(x_k[perm])[perm.argsort()]
     rank, b = dist.get_rank(), x_k.shape[0]
     x_all = all_gather(x_k)                                   # (world*B) x 3 x S x S
     perm = torch.randperm(x_all.shape[0], device=x_k.device)

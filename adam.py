@@ -184,6 +184,20 @@ def imagenet_normalise(x):
     return (x.expand(*x.shape[:-3], 3, *x.shape[-2:]) - mean) / std
 
 
+class SeparableGaussianBlur(T.GaussianBlur):
+    """torchvision's GaussianBlur - same sigma draw, kernel, reflect padding, uint8 rounding - as two 1-D passes
+    instead of one k x k convolution, which took ~80% of a view's CPU time. Same pixels up to a rounding tie."""
+
+    def transform(self, x, params):
+        k, sigma = self.kernel_size[0], params["sigma"][0]
+        lim = (k - 1) / (2 * math.sqrt(2))                    # torchvision's kernel: softmax(-(t / sigma)^2)
+        w = torch.softmax(-(torch.linspace(-lim, lim, k) / sigma) ** 2, dim=0)
+        y = F.pad(x.float()[None], (k // 2,) * 4, mode="reflect")             # 1 x C x (H+k-1) x (W+k-1)
+        y = F.conv2d(F.conv2d(y, w.view(1, 1, 1, k).expand(x.shape[0], 1, 1, k), groups=x.shape[0]),
+                     w.view(1, 1, k, 1).expand(x.shape[0], 1, k, 1), groups=x.shape[0])[0]
+        return y if x.is_floating_point() else y.round_().to(x.dtype)
+
+
 class AdamViews(torch.utils.data.Dataset):
     """For sample (index, seed): one random part at `level` (the AD), then two augmented views of it.
 
@@ -196,7 +210,7 @@ class AdamViews(torch.utils.data.Dataset):
         self.view = T.Compose([
             T.RandomResizedCrop(img_size, scale=(0.2, 1.0), antialias=True),
             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            T.RandomApply([T.GaussianBlur(2 * round(11 * s) + 1, sigma=(0.1 * s, 2.0 * s))], p=0.5),
+            T.RandomApply([SeparableGaussianBlur(2 * round(11 * s) + 1, sigma=(0.1 * s, 2.0 * s))], p=0.5),
             T.RandomRotation(30),
             T.ToDtype(torch.float32, scale=True),
         ])

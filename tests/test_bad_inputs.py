@@ -291,7 +291,7 @@ def test_overwrite_replaces_the_earlier_run_entirely(d, tmp_path):
     adam.main(d.tiny + ["--levels", "0", "--steps-per-epoch", "1", "--out", str(out), "--overwrite"])
     assert sorted(p.name for p in out.glob("adam_*.pth")) == ["adam_resnet18_level0.pth"]
     assert [(r["level"], r["epoch"]) for r in _strict_json_lines(out / "log.jsonl")] == [(0, 1)]
-    assert finetune._resolve_adam_path(out, "resnet18").name == "adam_resnet18_level0.pth"
+    assert runs.backbone_file(out, "resnet18")[0].name == "adam_resnet18_level0.pth"
 
 
 def test_a_kill_between_log_line_and_checkpoint_leaves_each_epoch_once(d, tmp_path, monkeypatch):

@@ -68,14 +68,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Adam pretraining: coarse-to-fine contrastive learning of anatomy "
-                                "(MICCAI 2023).", formatter_class=HelpFormatter)
+    p = runs.Parser(description="Adam pretraining: coarse-to-fine contrastive learning of anatomy (MICCAI 2023).",
+                    formatter_class=HelpFormatter)
+    n0, n1 = runs.number(int, 0), runs.number(int, 1)               # argparse types: flags checked when parsed
+    real, unit = runs.number(float, 0, 1e30), runs.number(float, 0, 1)   # 1e30: scaled, still a float32
     g = p.add_argument_group("data")
     g.add_argument("--data", default="phantom", help="'phantom' (generated on first use), 'chestxray14', 'eyepacs' "
                    "(caches made by data_prep.py), a cache folder, or any folder of PNG/JPEG images")
     g.add_argument("--data-root", default=None, help="where a named dataset lives (default data/<name>)")
-    g.add_argument("--phantom-images", type=int, default=1000, help="phantoms to generate when data/phantom is missing")
-    g.add_argument("--workers", type=int, default=None,
+    g.add_argument("--phantom-images", type=n1, default=1000, help="phantoms to generate when data/phantom is missing")
+    g.add_argument("--workers", type=n0, default=None,
                    help="DataLoader workers per process (paper: 8, demo: 2); 0 = load in the main process")
     g.add_argument("--gpu-views", action="store_true",
                    help="make both views of the whole batch on the training device (gpu_views.py) instead of per "
@@ -84,21 +86,23 @@ def parse_args(argv=None):
     g.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="fills every flag left unset; default: 'demo' for --data phantom, else 'paper'")
     g = p.add_argument_group("model")
-    g.add_argument("--arch", default=None, help=f"backbone: {', '.join(ARCHS)} (paper: resnet50)")
-    g.add_argument("--img-size", type=int, default=None, help="side of each view (paper: 224)")
-    g.add_argument("--dim", type=int, default=128, help="embedding size D of q, k and the bank")
-    g.add_argument("--bn-groups", type=int, default=None, help="shuffle BN: BatchNorm over G groups of each process's "
+    g.add_argument("--arch", default=None, choices=ARCHS, metavar="ARCH",
+                   help=f"backbone: {', '.join(ARCHS)} (paper: resnet50)")
+    g.add_argument("--img-size", type=runs.number(int, 16), default=None, help="side of each view (paper: 224)")
+    g.add_argument("--dim", type=n1, default=128, help="embedding size D of q, k and the bank")
+    g.add_argument("--bn-groups", type=n1, default=None, help="shuffle BN: BatchNorm over G groups of each process's "
                    "batch, regrouped for the teacher (default: 64 images a group as the authors' GPUs; 1 = plain BN)")
     g = p.add_argument_group("method (paper Sect. 2)")
-    g.add_argument("--levels", default="0,2,4",
+    g.add_argument("--levels", type=runs.levels, default="0,2,4",
                    help="granularity levels, one stage each, coarse to fine; '0' alone = MoCo-v2 (no AD)")
-    g.add_argument("--queue-size", type=int, default=None, help="bank size K (paper: 65536)")
-    g.add_argument("--temperature", type=float, default=0.2, help="tau of InfoNCE (MoCo-v2: 0.2)")
-    g.add_argument("--threshold", type=float, default=0.8, help="Purposive Pruner: bank entries with cosine >= t "
-                   "to the anchor are dropped; >= 1 disables the pruner (ablation 'no PP')")
+    g.add_argument("--queue-size", type=n1, default=None, help="bank size K (paper: 65536)")
+    g.add_argument("--temperature", type=runs.number(float, 0, low_open=True), default=0.2,
+                   help="tau of InfoNCE (MoCo-v2: 0.2)")
+    g.add_argument("--threshold", type=runs.threshold, default=0.8, help="Purposive Pruner: bank entries with cosine "
+                   ">= t to the anchor are dropped; t in (-1, 1]; 1 or 'off' disables the pruner (ablation 'no PP')")
     g.add_argument("--prune-every-level", action="store_true",
                    help="prune at level 0 too (the authors' code prunes only at levels > 0)")
-    g.add_argument("--momentum-ema", type=float, default=None, help="teacher EMA m (paper: 0.999)")
+    g.add_argument("--momentum-ema", type=unit, default=None, help="teacher EMA m (paper: 0.999)")
     g.add_argument("--loss", choices=["auto", "fused", "torch"], default="auto",
                    help="'fused' = the C++/CUDA op of adam_ext, 'torch' = the readable reference; "
                         "'auto' picks fused when it is built")
@@ -106,30 +110,30 @@ def parse_args(argv=None):
                    help="CUDA: allow TF32 in float32 matmuls, so the loss's bank products run on tensor cores "
                         "(the fused op's tc kernel, or cuBLAS for --loss torch); off: the loss stays exact fp32")
     g = p.add_argument_group("optimisation (authors' code: SGD, cosine per stage)")
-    g.add_argument("--epochs", type=int, default=None, help="epochs per stage (paper: 200)")
-    g.add_argument("--steps-per-epoch", type=int, default=None,
+    g.add_argument("--epochs", type=n1, default=None, help="epochs per stage (paper: 200)")
+    g.add_argument("--steps-per-epoch", type=n1, default=None,
                    help="cap on steps per epoch, for smoke runs (default: the whole train split)")
-    g.add_argument("--batch-size", type=int, default=None, help="global batch over all processes (paper: 256)")
-    g.add_argument("--lr", type=float, default=None, help="learning rate for batch 256, scaled linearly (paper: 0.03)")
-    g.add_argument("--wd", type=float, default=1e-4, help="weight decay")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--val-steps", type=int, default=None,
+    g.add_argument("--batch-size", type=n1, default=None, help="global batch over all processes (paper: 256)")
+    g.add_argument("--lr", type=real, default=None, help="learning rate for batch 256, scaled linearly (paper: 0.03)")
+    g.add_argument("--wd", type=real, default=1e-4, help="weight decay")
+    g.add_argument("--momentum", type=unit, default=0.9, help="SGD momentum")
+    g.add_argument("--val-steps", type=n0, default=None,
                    help="validation batches per epoch (no teacher/bank update); 0 = off, default all")
     g = p.add_argument_group("run")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--device", type=runs.device, default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", default="runs/adam", help="run folder: checkpoint.pth, log.jsonl, backbones")
     g.add_argument("--resume", default=None,
                    help="run folder to continue from; flags you pass again override the saved ones")
-    g.add_argument("--print-freq", type=int, default=None, help="progress line every N steps")
+    g.add_argument("--overwrite", action="store_true", help="replace the run that --out holds (its files are deleted)")
+    g.add_argument("--print-freq", type=n1, default=None, help="progress line every N steps")
     g.add_argument("--tensorboard", action="store_true",
                    help="also write TensorBoard scalars (loss, lr, pruned fraction, val loss, images/s) to OUT/tb; "
                         "needs the tensorboard package (pip install tensorboard)")
     args = p.parse_args(argv)
     if args.resume:  # the saved flags become the defaults; what the user passes again wins
-        saved = runs.load_checkpoint(Path(args.resume) / "checkpoint.pth")["args"]
-        saved = {k: v for k, v in saved.items() if k not in ("resume", "out")}
-        p.set_defaults(**saved)
+        ckpt = runs.load_checkpoint(Path(args.resume) / "checkpoint.pth", keys=runs.CHECKPOINT_KEYS)
+        p.set_defaults(**{k: v for k, v in ckpt["args"].items() if k not in ("resume", "out", "overwrite")})
         args = p.parse_args(argv)
         given = sys.argv[1:] if argv is None else argv
         args.out = args.out if "--out" in given else args.resume
@@ -137,15 +141,9 @@ def parse_args(argv=None):
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    try:
-        args.level_list = [int(n) for n in str(args.levels).split(",")]
-        assert all(n >= 0 for n in args.level_list) and args.level_list
-    except (ValueError, AssertionError):
-        p.error(f"--levels must be comma-separated levels >= 0, got {args.levels!r}")
-    if args.temperature <= 0:
-        p.error("--temperature must be > 0")
-    if args.arch not in ARCHS:
-        p.error(f"--arch {args.arch!r} is not one of {', '.join(ARCHS)} (try resnet18 or resnet50)")
+    args.level_list = [int(n) for n in str(args.levels).split(",")]
+    if args.resume:  # the saved run must fit: arch, dim, K, the levels and epochs it has done
+        runs.check_resume(args, ckpt)
     return args
 
 
@@ -438,6 +436,8 @@ def main(argv=None):
                 bank.enqueue(all_gather(k))                                # after the loss (MoCo order)
                 step, steps_run = step + 1, steps_run + 1
                 loss_v, pruned_v = loss.item(), pruned.item()
+                if not math.isfinite(loss_v):                              # diverged: stop before writing anything
+                    raise runs.diverged("the loss", stage, level, epoch + 1, step, args)
                 loss_sum, pruned_sum = loss_sum + loss_v, pruned_sum + pruned_v
                 stage_log["losses"].append(loss_v)
                 run.step(step, loss=loss_v, pruned=pruned_v)
@@ -528,8 +528,8 @@ def choose_loss(flag, device, say):
 
 
 def open_data(args, world):
-    """--data -> (train images, validation images or None, BatchViews for --gpu-views or None), checked
-    against --batch-size and --gpu-views. Under torchrun rank 0 generates a missing phantom, the others wait."""
+    """--data -> (train images, validation images or None, BatchViews for --gpu-views or None), checked against
+    --batch-size, --gpu-views and --levels. Under torchrun rank 0 generates a missing phantom, the others wait."""
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
     wait = args.data == "phantom" and dist.is_initialized()
@@ -548,6 +548,11 @@ def open_data(args, world):
                              f"folder: prepare it with `python data_prep.py folder --src {args.data} --out <cache>`")
         from gpu_views import BatchViews  # imported only for --gpu-views
         views = BatchViews(args.img_size)
+    (h, w), n = train_images[0].shape[1:], max(args.level_list)   # our floor: finest parts >= 1/4 of the view
+    if min(h >> (n // 2), w >> ((n + 1) // 2)) < args.img_size / 4:
+        raise ValueError(f"--levels {args.levels}: level {n} cuts the {h}x{w} images of --data {args.data} into parts "
+                         f"of {h >> (n // 2)}x{w >> ((n + 1) // 2)} px, under 1/4 of --img-size {args.img_size}: use "
+                         f"coarser levels, a smaller --img-size, or larger images")
     val = data_prep.open_images(args.data, args.data_root, "val", args.phantom_images) if args.val_steps != 0 else None
     return train_images, val, views
 
@@ -574,7 +579,7 @@ if __name__ == "__main__":
     sys.modules.setdefault("adam", sys.modules["__main__"])  # `import adam` (gpu_views.py) gets this module
     try:
         main()
-    except (FileNotFoundError, ValueError, DataError) as e:  # bad input: one clear line, no traceback
+    except (OSError, ValueError, DataError) as e:  # bad input, a full disk, a busy --out: one line, no traceback
         # an error raised in a DataLoader worker arrives wrapped with its traceback: keep the last line
         sys.exit(f"adam.py: error: {str(e).strip().splitlines()[-1]}")
     finally:

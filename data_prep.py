@@ -20,18 +20,23 @@ Every command writes one "cache" folder, format "adam-cache-v1" (README "Data" h
     report.json    what was found, expected, missing, skipped, and the source sizes and modes
 
 Safety: the cache is built in a hidden temporary sibling folder and renamed into place at the end,
-meta.json being the last file written inside it, so a killed run never leaves a folder that
-`open_cache` accepts; a re-run starts clean and removes temporary folders of dead runs.
-A bad source file is an error naming it (and nothing is written) unless --skip-bad is given, in
-which case it is skipped and listed in report.json.
+meta.json being the last file written inside it and every file fsynced first, so a killed run never leaves a
+folder that `open_cache` accepts; a re-run starts clean and removes temporary folders of dead runs. A lock beside
+--out refuses a second conversion into it; the free space is checked before anything is written and the
+memory-mapped arrays are allocated up front (a full disk: one line, not a SIGBUS); any failure removes the
+temporary folder. A bad source file is an error naming it (and nothing is written) unless --skip-bad is given, in
+which case it is skipped and listed in report.json; repeated rows and list entries are reported and warned about.
 
 Every script opens its --data through open_dataset (a cache by name or folder; the phantom is generated when
-missing) or open_images (a split's images, or any folder of PNG/JPEG files).
+missing) or open_images (a split's images, or any folder of PNG/JPEG files that is not a cache), and decodes
+every image with read_image.
 
 Import cost: numpy + pillow only; pydicom is imported when a DICOM file is met, tqdm when a conversion starts.
 """
 import argparse
+import atexit
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -51,7 +56,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
+
+try:
+    import fcntl  # the output locks (FolderLock); absent on Windows, where there is no lock
+except ImportError:
+    fcntl = None
 
 FORMAT = "adam-cache-v1"
 STRUCTURES = ["heart", "left_clavicle", "right_clavicle", "left_lung", "right_lung"]
@@ -180,6 +190,8 @@ def open_dataset(data, root=None, phantom_images=None):
     phantom_images images (default 1000); given, an existing phantom of another size gets a warning.
     FileNotFoundError naming the folder and the command that prepares it."""
     path = dataset_root(data, root)
+    if not (path / "meta.json").exists():
+        _recover(path)                                 # a --force swap cut short leaves the old cache hidden
     ready = (path / "meta.json").exists()
     if data == "phantom" and not ready:
         print(f"no phantom set at {path}: generating it", file=sys.stderr, flush=True)
@@ -206,11 +218,11 @@ class CacheImages:
 
 
 class FolderImages:
-    """Any folder of PNG/JPEG images, decoded on the fly (slow for big images: prefer a cache)."""
+    """Any folder of PNG/JPEG images that is not a cache (plain_images), decoded on the fly by read_image (slow for
+    big images: prefer a cache)."""
 
     def __init__(self, root):
-        exts = {".png", ".jpg", ".jpeg"}
-        self.files = sorted(f for f in Path(root).rglob("*") if f.suffix.lower() in exts)
+        self.files = sorted(plain_images(root, (".png", ".jpg", ".jpeg")).values())
         if not self.files:
             raise DataError(f"--data {root}: no PNG/JPEG images in this folder")
         self.name = str(root)
@@ -220,16 +232,37 @@ class FolderImages:
 
     def __getitem__(self, i):
         try:
-            with Image.open(self.files[i]) as im:
-                return np.array(im.convert("L"))[None]  # 1 x H x W uint8
+            return np.array(read_image(self.files[i])[0])[None]  # 1 x H x W uint8, writable
         except Exception as e:  # PIL raises many types; the user needs the file name
             raise DataError(f"cannot read image {self.files[i]}: {e}") from e
+
+
+def plain_images(root, exts, flag="--data"):
+    """{relative path: file} of the images under `root` (suffixes `exts`), refusing a folder that is or holds a
+    cache: reading a cache's files as plain images would mix its splits, test images included. A folder is a cache
+    only with a valid meta.json (open_cache); an images.npy without one is an unfinished cache, and data_prep's
+    hidden temporary folders (skipped by _walk inside `root`) are refused when given themselves."""
+    root = Path(root)
+    m = TMP_FOLDER.fullmatch(root.name)
+    if m:
+        raise DataError(f"{flag} {root}: data_prep.py's temporary folder of {root.parent / m.group(1)} (a conversion "
+                        f"still running, or killed); use {root.parent / m.group(1)} once data_prep.py has finished")
+    found = _walk(root, tuple(exts) + ("meta.json", "images.npy"))
+    for cache in sorted({p.parent for p in found.values() if p.name in ("meta.json", "images.npy")}):
+        if (cache / "meta.json").is_file():
+            raise DataError(f"{flag} {root}: {cache} inside it is a data_prep.py cache; pass {flag} {cache} to use it "
+                            f"as one (its splits kept apart), or move it out of {root}")
+        raise DataError(f"{flag} {root}: {cache} is an unfinished data_prep.py cache (images.npy but no meta.json: its "
+                        f"conversion was killed or is still running); run data_prep.py again to finish it")
+    return {rel: p for rel, p in found.items() if p.name not in ("meta.json", "images.npy")}
 
 
 def open_images(data, root=None, split="train", phantom_images=None):
     """--data [--data-root] -> the images of `split` as an indexable set of C x H x W uint8 arrays with a
     .name, or None when the split is empty (a plain folder of images is all "train")."""
     path = dataset_root(data, root)
+    if not (path / "meta.json").exists():
+        _recover(path)                                 # a --force swap cut short leaves the old cache hidden
     if data in DATASETS or (path / "meta.json").exists():
         cache = open_dataset(data, root, phantom_images)
         return CacheImages(cache, split) if cache.rows(split) else None
@@ -241,7 +274,108 @@ def open_images(data, root=None, split="train", phantom_images=None):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Writing safely: one writer per output (FolderLock), room checked before writing, fsync before every rename.
+# runs.py writes the run folder with the same pieces.
+
+class DiskFull(OSError):
+    """No room for an output: the message names it and the fix (one line, no traceback, like every error a user
+    can fix)."""
+
+
+def _gib(n):
+    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
+
+
+def disk_full(error, folder):
+    """Did `error` come from a full disk under `folder`? ENOSPC or EDQUOT, or any error while that disk has under
+    1 MiB free: torch.save reports a full disk as "enforce fail ... unexpected pos", not as an OSError."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < 2 ** 20
+    except OSError:
+        return False
+
+
+def check_room(folder, need, what, fix):
+    """DiskFull, before anything is written, when `folder`'s disk has less than `need` bytes (+5 %) free."""
+    free = shutil.disk_usage(folder).free
+    if free < need * 1.05:
+        raise DiskFull(f"disk full: {what} needs about {_gib(need)} and {folder} has {_gib(free)} free; {fix}")
+
+
+def reserve(path):
+    """Allocate a file's blocks now (posix_fallocate): a write through a memory map to a full disk would kill the
+    process with SIGBUS, with no message and no clean-up. ENOSPC is raised here instead."""
+    if hasattr(os, "posix_fallocate"):
+        with open(path, "r+b") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # no fallocate here: go on
+                    raise
+
+
+def fsync(path):
+    """Flush a file (or a folder's entries) to the disk, so that a rename after it never publishes an empty or
+    partial file after a crash or power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not os.path.isdir(path):                  # some file systems cannot sync folders: nothing to do
+            raise
+    finally:
+        os.close(fd)
+
+
+class FolderLock:
+    """An exclusive lock on an output (a run folder, a cache being written), held by this process until release()
+    or its end: a POSIX record lock (fcntl.lockf) on the lock file `path`, so a second process is refused at once
+    (or waits, wait=True), a killed process never leaves a stale lock, and forked DataLoader workers hold nothing.
+    `busy` is the refusal, with {pid} for the holder. The lock file is removed on release."""
+
+    def __init__(self, path, busy, wait=False):
+        self.path, self.fd = Path(path), None
+        if fcntl is None:
+            return
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                if e.errno in (errno.EACCES, errno.EAGAIN):
+                    raise BlockingIOError(busy.format(pid=holder)) from None
+                if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):   # a file system without locks
+                    return
+                raise
+            try:                                     # the file we locked may have been removed by its last holder
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        atexit.register(self.release)                # a run stopped by an error leaves no lock file either
+
+    def release(self):
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
+            atexit.unregister(self.release)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Writing a cache atomically
+
+TMP_FOLDER = re.compile(r"\.(.+)\.(tmp|old)-(\d+)")   # data_prep's hidden siblings of a cache being written
+_LOCKS = {}                                               # temporary folder -> the lock on its output
+
 
 def _pid_alive(pid):
     try:
@@ -253,30 +387,54 @@ def _pid_alive(pid):
     return True
 
 
-def _start_tmp(out, force=False):
-    """Return a fresh temporary sibling folder of `out`; remove temporary folders left by dead runs."""
+def _recover(out):
+    """Clear what dead runs left beside `out`: their temporary folders are deleted; the old cache of a --force
+    swap cut between its two renames (.<name>.old-<pid>, and no `out`) is put back."""
+    for old in sorted(Path(out).parent.glob(f".{Path(out).name}.*-*")):
+        m = TMP_FOLDER.fullmatch(old.name)
+        if not m or m.group(1) != Path(out).name or _pid_alive(int(m.group(3))):
+            continue
+        if m.group(2) == "old" and not Path(out).exists() and (old / "meta.json").is_file():
+            os.rename(old, out)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _start_tmp(out, force=False, need=0, wait=False):
+    """Lock `out` (another process writing it: refused, or waited for with wait=True), check that `need` bytes fit
+    on its disk, clear what dead runs left, and return a fresh temporary sibling folder to build the cache in."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for old in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = old.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
-    if out.exists() and not force:
-        if (out / "meta.json").exists():
+    lock = FolderLock(out.parent / f".{out.name}.lock", f"{out} is being written by another data_prep.py (pid "
+                      f"{{pid}}): wait for it to end, or pick another --out", wait)
+    try:
+        _recover(out)
+        if out.exists() and not (out / "meta.json").exists() and any(out.iterdir()):
+            raise FileExistsError(f"{out} exists, is not empty and is not a cache (no meta.json)"
+                                  f"{': --force replaces caches only' if force else ''}; move it away or pick --out")
+        if (out / "meta.json").exists() and not force:
             raise FileExistsError(f"{out} already holds a cache; pass --force to rebuild it")
-        if any(out.iterdir()):
-            raise FileExistsError(f"{out} exists, is not empty and is not a cache; move it away or pick --out")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+        check_room(out.parent, need, f"writing {out}", "free space, or pick another --out or a smaller --size")
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except BaseException:
+        lock.release()
+        raise
+    _LOCKS[tmp] = lock
     return tmp
 
 
 def _finish_tmp(tmp, out, meta, force=False):
-    """Write meta.json last (itself via temp + rename), then rename the folder into place."""
+    """Write meta.json last (itself via temp + rename), fsync every file, then rename the folder into place and
+    release the lock. A --force rebuild swaps: the old cache waits in .<name>.old-<pid> until the new one is in
+    place (a kill in between: _recover puts it back), then is deleted."""
     meta = dict(meta, format=FORMAT, created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     (tmp / "meta.json.tmp").write_text(json.dumps(meta, indent=1))
+    for f in [*tmp.rglob("*"), tmp]:
+        fsync(f)
     os.replace(tmp / "meta.json.tmp", tmp / "meta.json")
+    fsync(tmp)
     out = Path(out)
     if (out / "meta.json").exists() and not force:             # a concurrent run finished first: keep its cache
         raise FileExistsError(f"{out} was completed by another process meanwhile; pass --force to replace it")
@@ -289,7 +447,21 @@ def _finish_tmp(tmp, out, meta, force=False):
         if out.exists():
             out.rmdir()                                         # empty placeholder folder
         os.rename(tmp, out)
+    fsync(out.parent)
+    _LOCKS.pop(tmp).release()
     return out
+
+
+def _abort_tmp(tmp, out, error):
+    """A build failed: delete its temporary folder and release the lock; a full disk becomes one clear DiskFull."""
+    full = isinstance(error, Exception) and not isinstance(error, DiskFull) and disk_full(error, tmp.parent)
+    shutil.rmtree(tmp, ignore_errors=True)
+    lock = _LOCKS.pop(tmp, None)
+    if lock:
+        lock.release()
+    if full:
+        raise DiskFull(f"disk full while writing {out}: nothing was written; free space, or pick another --out or "
+                       f"a smaller --size") from None
 
 
 def _write_index(path, rows, extra_cols=()):
@@ -489,14 +661,16 @@ def phantom_splits(num_images, seed):
     return split
 
 
-def build_phantom(out, num_images=1000, size=256, seed=0, workers=1, force=False, quiet=False):
+def build_phantom(out, num_images=1000, size=256, seed=0, workers=1, force=False, quiet=False, wait=False):
     out = Path(out)
-    tmp = _start_tmp(out, force)
+    n, S, L = num_images, len(STRUCTURES), len(LANDMARKS)
+    tmp = _start_tmp(out, force, need=n * size * size * (S + 2), wait=wait)  # images, masks, PNGs (at most 1 B/px)
     try:
         (tmp / "png").mkdir()
-        n, S, L = num_images, len(STRUCTURES), len(LANDMARKS)
         images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (n, size, size))
         masks = np.lib.format.open_memmap(tmp / "masks.npy", "w+", np.uint8, (n, S, size, size))
+        reserve(tmp / "images.npy")
+        reserve(tmp / "masks.npy")
         landmarks = np.zeros((n, L, 2), np.float32)
         labels = [None] * n
         names = [f"phantom_{i:05d}" for i in range(n)]
@@ -537,15 +711,14 @@ def build_phantom(out, num_images=1000, size=256, seed=0, workers=1, force=False
                     structures=STRUCTURES, landmark_names=LANDMARKS, source=f"procedural phantom, seed {seed}",
                     seed=seed)
         return _finish_tmp(tmp, out, meta, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        _abort_tmp(tmp, out, e)
         raise
 
 
 def ensure_phantom(root, num_images=1000, size=256, seed=0, workers=None):
     """Generate the phantom cache at root unless root/meta.json exists; return root. Safe when several
-    processes (e.g. torchrun ranks) call it at once: each builds its own temporary folder, the first rename
-    wins and the others discard theirs."""
+    processes (e.g. torchrun ranks) call it at once: one builds it, the others wait for its lock and use it."""
     root = Path(root)
     if (root / "meta.json").exists():
         try:
@@ -561,7 +734,7 @@ def ensure_phantom(root, num_images=1000, size=256, seed=0, workers=None):
     try:
         if workers is None:                           # a pool only pays off for bigger sets
             workers = 1 if num_images < 200 else min(2, os.cpu_count() or 1)
-        build_phantom(root, num_images, size, seed, workers=workers, quiet=True)
+        build_phantom(root, num_images, size, seed, workers=workers, quiet=True, wait=True)
     except (FileExistsError, OSError):
         if not (root / "meta.json").exists():       # a concurrent process did not win either: a real error
             raise
@@ -569,17 +742,18 @@ def ensure_phantom(root, num_images=1000, size=256, seed=0, workers=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Decoding one source image (runs in worker processes)
-#
-# Documented pixel recipe (tests recompute it with PIL the same way):
+# Decoding one image: read_image, the one reader of every script (data_prep's converters, adam.py's folder source,
+# eve.py). Documented pixel recipe (tests recompute it with PIL the same way):
+#   orientation: an EXIF Orientation tag (phone photos, some scanners) is applied (ImageOps.exif_transpose).
 #   grey:  PIL Image.convert("L")  (ITU-R 601-2 luma, alpha ignored: a grey image stored as RGBA with
-#          R=G=B keeps its values); 16-bit PNGs ("I;16", "I") are min-max scaled to 0..255 first.
+#          R=G=B keeps its values); 16-bit PNGs ("I;16", "I") and float images are min-max scaled to 0..255 first.
 #   RGB:   Image.convert("RGB").  JPEGs are decoded with Image.draft(mode, (size, size)), i.e. by libjpeg's
 #          DCT scaling at the smallest 1/2, 1/4, 1/8 scale still >= size (a 3888x2592 photo decodes at 1/4
 #          of its side for 512 px: a fraction of the full decode's time).
 #   fit:   "pad" centres the image on a black square, "crop" takes the centred square, "stretch" neither.
 #   size:  Image.resize((size, size), Image.BILINEAR) (PIL filters with the full support when shrinking,
 #          so this is antialiased); masks use Image.NEAREST and are then thresholded at > 0.
+#   DICOM: dicom_to_grey; JSRT raw: jsrt_to_grey.
 
 def _to_mode(im, channels):
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -604,13 +778,40 @@ def _fit(im, size, fit, resample=Image.BILINEAR):
     return im
 
 
-def _decode_pil(data, size, channels, fit):
-    im = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
-    if im.format == "JPEG":
-        im.draft("L" if channels == 1 else "RGB", (size, size))
-    im.load()                                        # raises on truncated / corrupt files
-    info = {"size": f"{im.size[0]}x{im.size[1]}", "mode": im.mode}
-    return _fit(_to_mode(im, channels), size, fit), info
+def read_image(src, channels=1, size=None, fit="pad", decoder="auto", dicom_window="header",
+               resample=Image.BILINEAR):
+    """src (a path, or the bytes of an archive member) -> (PIL image in "L" for channels 1 or "RGB", {"size": "WxH",
+    "mode": what the source was}) by the recipe above, fitted to size x size when size is given. decoder "auto":
+    DICOM by its suffix or its DICM preamble, anything else through PIL; or "pil", "dicom", "jsrt"."""
+    path = None if isinstance(src, bytes) else Path(src)
+    if decoder == "auto":
+        decoder = "dicom" if path is not None and _is_dicom(path) else "pil"
+    if decoder == "jsrt":
+        im = jsrt_to_grey(src if path is None else path.read_bytes(), str(path or "<bytes>"))
+        info = {"size": f"{im.size[0]}x{im.size[1]}", "mode": "12-bit raw"}
+    elif decoder == "dicom":
+        im, _ = dicom_to_grey(src, dicom_window)
+        info = {"size": f"{im.size[0]}x{im.size[1]}", "mode": "DICOM"}
+    else:
+        im = Image.open(io.BytesIO(src) if path is None else path)
+        if im.format == "JPEG" and size:
+            im.draft("L" if channels == 1 else "RGB", (size, size))
+        im.load()                                    # raises on truncated / corrupt files
+        info = {"size": f"{im.size[0]}x{im.size[1]}", "mode": im.mode}
+        if im.getexif().get(0x0112, 1) != 1:         # EXIF Orientation: the stored pixels are rotated or mirrored
+            im = ImageOps.exif_transpose(im)
+    im = _to_mode(im, channels)
+    return (_fit(im, size, fit, resample) if size else im), info
+
+
+def _is_dicom(path):
+    suffix = path.suffix.lower()
+    if suffix in (".dcm", ".dicom"):
+        return True
+    if suffix in (".png", ".jpg", ".jpeg"):
+        return False
+    with open(path, "rb") as f:
+        return f.read(132)[128:] == b"DICM"
 
 
 def jsrt_to_grey(raw, path="<bytes>"):
@@ -698,27 +899,12 @@ def _decode_task(task):
     if kind == "missing_masks":
         return row, None, None, None, f"no SCR mask for {[STRUCTURES[j] for j, p in enumerate(mask_paths) if not p]}"
     try:
-        info = {}
-        if kind == "jsrt":
-            raw = src if isinstance(src, bytes) else Path(src).read_bytes()
-            im = jsrt_to_grey(raw, name)
-            info = {"size": f"{im.size[0]}x{im.size[1]}", "mode": "12-bit raw"}
-            im = _fit(im, size, fit)
-        elif kind == "dicom":
-            im, _ = dicom_to_grey(src, _OPTS.get("dicom_window", "header"))
-            info = {"size": f"{im.size[0]}x{im.size[1]}", "mode": "DICOM"}
-            im = _fit(_to_mode(im, channels), size, fit)
-        else:
-            im, info = _decode_pil(src, size, channels, fit)
+        im, info = read_image(src, channels, size, fit, kind, _OPTS.get("dicom_window", "header"))
         image = np.asarray(im, np.uint8)
         masks = None
         if mask_paths is not None:
-            ms = []
-            for p in mask_paths:
-                m = Image.open(p)
-                m.load()
-                ms.append(np.asarray(_fit(m.convert("L"), size, fit, Image.NEAREST)) > 0)
-            masks = np.stack(ms).astype(np.uint8)
+            masks = np.stack([np.asarray(read_image(p, 1, size, fit, "pil", resample=Image.NEAREST)[0]) > 0
+                              for p in mask_paths]).astype(np.uint8)
         return row, image, masks, info, None
     except Exception as e:                           # reported with the file's name by the caller
         return row, None, None, None, f"{type(e).__name__}: {e}"
@@ -778,14 +964,17 @@ def convert(items, out, *, dataset, size, channels, fit, label_names, structures
     `archives`), optional decoder / masks / extra) into a cache at `out`, atomically. Returns (out, report)."""
     out = Path(out)
     report = dict(report or {})
-    tmp = _start_tmp(out, force)
+    n, S = len(items), len(structures)
+    if n == 0:
+        raise ValueError(f"no images to convert for {dataset} (see the report above)")
+    tmp = _start_tmp(out, force, need=n * size * size * (channels + S))
     try:
-        n, S = len(items), len(structures)
-        if n == 0:
-            raise ValueError(f"no images to convert for {dataset} (see the report above)")
         shape = (n, size, size) if channels == 1 else (n, size, size, channels)
         images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, shape)
         masks = np.lib.format.open_memmap(tmp / "masks.npy", "w+", np.uint8, (n, S, size, size)) if S else None
+        reserve(tmp / "images.npy")
+        if S:
+            reserve(tmp / "masks.npy")
         ok = np.zeros(n, bool)
         bad, missing, unexpected, sizes, modes = [], [], [], Counter(), Counter()
         sem, stop = threading.Semaphore(max(4, 16 * workers) if workers > 1 else 10 ** 9), threading.Event()
@@ -840,6 +1029,7 @@ def convert(items, out, *, dataset, size, channels, fit, label_names, structures
                 src = np.load(tmp / fname, mmap_mode="r")
                 dst = np.lib.format.open_memmap(tmp / (fname + ".compact"), "w+", np.uint8,
                                                 (len(keep),) + src.shape[1:])
+                reserve(tmp / (fname + ".compact"))
                 for a in range(0, len(keep), 256):
                     dst[a:a + 256] = src[keep[a:a + 256]]
                 dst.flush()
@@ -862,8 +1052,8 @@ def convert(items, out, *, dataset, size, channels, fit, label_names, structures
                     source=str(source), fit=fit, resample="PIL BILINEAR", bad_skipped=len(bad), **(extra_meta or {}))
         out = _finish_tmp(tmp, out, meta, force)
         return out, report
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        _abort_tmp(tmp, out, e)
         raise
 
 
@@ -878,12 +1068,13 @@ def print_report(report, file=sys.stderr):
 
 
 def _walk(src, exts):
-    """All files under src whose lower-case suffix is in exts, sorted, as {relative posix path: Path}."""
+    """All files under src whose lower-case suffix is in exts, sorted, as {relative posix path: Path}; hidden files
+    and folders (names starting with a dot) are skipped."""
     found = {}
     for dirpath, dirnames, filenames in os.walk(src):
-        dirnames.sort()
-        for f in sorted(filenames):
-            if f.lower().endswith(exts):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))   # hidden: data_prep's temporary folders,
+        for f in sorted(filenames):                                           # macOS' ._* files, ...
+            if f.lower().endswith(exts) and not f.startswith("."):
                 p = Path(dirpath) / f
                 found[p.relative_to(src).as_posix()] = p
     return found
@@ -922,6 +1113,21 @@ def _find(found, names, src, what):
 
 def _read_list(path):
     return [l.strip() for l in Path(path).read_text().splitlines() if l.strip()]
+
+
+def _repeats(names, where):
+    """'WHERE: NAME' for each name given more than once (kept once, and reported: duplicate_* in report.json)."""
+    return [f"{where}: {n}" for n, c in Counter(names).items() if c > 1]
+
+
+def _need_columns(path, header, need):
+    """ValueError naming the columns a table lacks. A header read as one column that holds ';', a tab or '|' means
+    the file has another separator, and the message says so."""
+    lacking = [c for c in need if c not in header]
+    if lacking:
+        sep = next((c for c in (";", "\t", "|") if len(header) == 1 and c in header[0]), None)
+        said = f"it is separated by {sep!r}: save it comma-separated" if sep else f"its columns are {header}"
+        raise ValueError(f"{path}: no column(s) {lacking}; {said}")
 
 
 def split_lists(train_list, val_list, csv_rows, train_val, test):
@@ -967,21 +1173,34 @@ def chestxray14_items(src, val_seed=0, train_list=None, val_list=None):
         if rel.endswith(".png"):
             (dup.append(rel) if p.name in pngs else pngs.__setitem__(p.name, p))
     archives = [p for rel, p in found.items() if rel.endswith((".tar.gz", ".tgz", ".tar"))]
-    csv_rows = {}
-    with open(entry, newline="") as f:
+    csv_rows, line_of, dup_rows = {}, {}, []
+    with open(entry, newline="", encoding="utf-8-sig") as f:
         rd = csv.reader(f)
-        header = next(rd)
+        header = next(rd, [])
+        _need_columns(entry, header, ["Image Index", "Finding Labels"])
+        name_col, label_col = header.index("Image Index"), header.index("Finding Labels")
         pid_col = header.index("Patient ID") if "Patient ID" in header else None
         view_col = header.index("View Position") if "View Position" in header else None
+        width = max(c for c in (name_col, label_col, pid_col, view_col) if c is not None) + 1
         for line, r in enumerate(rd, 2):
             if not r:
                 continue
-            labels = [] if r[1] == "No Finding" else r[1].split("|")
+            if len(r) < width:
+                raise ValueError(f"{entry} line {line}: {len(r)} field(s), the header has {len(header)}")
+            labels = [] if r[label_col] == "No Finding" else r[label_col].split("|")
             unknown = [l for l in labels if l not in CXR14_LABELS]
             if unknown:
                 raise ValueError(f"{entry} line {line}: unknown label(s) {unknown}; expected {CXR14_LABELS}")
-            csv_rows[r[0]] = dict(labels=labels, patient=r[pid_col] if pid_col is not None else r[0].split("_")[0],
-                                  view=r[view_col] if view_col is not None else "")
+            name = r[name_col]
+            rec = dict(labels=labels, patient=r[pid_col] if pid_col is not None else name.split("_")[0],
+                       view=r[view_col] if view_col is not None else "")
+            if name in csv_rows:                     # a repeated row must say the same
+                if csv_rows[name] != rec:
+                    raise ValueError(f"{entry} line {line}: {name} repeats line {line_of[name]} with other labels, "
+                                     f"patient or view; keep one of the two rows")
+                dup_rows.append(f"{entry.name} line {line}: {name}")
+            csv_rows.setdefault(name, rec)
+            line_of.setdefault(name, line)
     both = sorted(set(train_val) & set(test))
     if both:
         raise ValueError(f"{both[0]} (and {len(both) - 1} more) in both train_val_list.txt and test_list.txt")
@@ -1013,7 +1232,8 @@ def chestxray14_items(src, val_seed=0, train_list=None, val_list=None):
                   archives=[a.name for a in archives],
                   missing_files=missing, listed_but_not_in_csv=not_in_csv,
                   not_in_csv_or_lists=sorted(n for n in pngs if n not in csv_rows or n not in listed_names),
-                  duplicate_files=dup)
+                  duplicate_files=dup, duplicate_rows=dup_rows,
+                  duplicate_list_entries=_repeats(train_val, "train_val_list.txt") + _repeats(test, "test_list.txt"))
     if split_of is None:
         report["split_rule"] = f"train/val: patient-level split of train_val_list.txt (--val-seed {val_seed})"
     else:
@@ -1041,12 +1261,19 @@ def eyepacs_items(src, val_fraction=0.1, seed=0):
         sources.append((_find(found, ["retinopathy_solution.csv"], src, ""), "test"))
     except FileNotFoundError:
         pass
-    rows = {}
+    rows, dup_rows = {}, []
     for path, split in sources:
-        with open(path, newline="") as f:
-            for line, r in enumerate(csv.DictReader(f), 2):
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rd = csv.DictReader(f)
+            _need_columns(path, rd.fieldnames or [], ["image", "level"])
+            for line, r in enumerate(rd, 2):
                 if r.get("image") is None or r.get("level") not in {"0", "1", "2", "3", "4"}:
                     raise ValueError(f"{path} line {line}: need columns image,level with level in 0..4, got {r}")
+                if r["image"] in rows:               # a repeated row must say the same
+                    if rows[r["image"]] != (split, r["level"]):
+                        raise ValueError(f"{path} line {line}: {r['image']} is listed again with another level or "
+                                         f"split; keep one of the two rows")
+                    dup_rows.append(f"{path.name} line {line}: {r['image']}")
                 rows[r["image"]] = (split, r["level"])
     counts = Counter(n.split("_")[0] for n, (s, _) in rows.items() if s == "train" and n in files)
     val_patients = patient_split(counts, val_fraction, seed)
@@ -1060,7 +1287,7 @@ def eyepacs_items(src, val_fraction=0.1, seed=0):
                           src=str(files[n]), extra=dict(level=level)))
     report = dict(expected=len(rows), label_csvs=[str(p) for p, _ in sources], image_files_found=len(files),
                   missing_files=sorted(n for n in rows if n not in files),
-                  not_in_csv_or_lists=sorted(n for n in files if n not in rows))
+                  not_in_csv_or_lists=sorted(n for n in files if n not in rows), duplicate_rows=dup_rows)
     return items, report
 
 
@@ -1190,7 +1417,7 @@ def folder_items(src, patient_from="auto"):
     auto: DICOM PatientID, else a patient-named folder, else the file stem); all split=train (a folder carries
     no split; use --val-fraction to hold out patients)."""
     src = Path(src)
-    found = _walk(src, IMAGE_EXTS)
+    found = plain_images(src, IMAGE_EXTS, "--src")
     items = [dict(name=rel, patient="", split="train", labels=[], kind="file", src=str(p),
                   decoder="dicom" if rel.lower().endswith((".dcm", ".dicom")) else "pil") for rel, p in found.items()]
     report = dict(image_files_found=len(items))
@@ -1273,9 +1500,7 @@ def csv_items(src, csvs, image_col, label_cols=(), label_col=None, no_label=("No
             header = rd.fieldnames or []
             need = [image_col, *label_cols, *([label_col] if label_col else []), *([patient_col] if patient_col else []),
                     *([split_col] if split_col else []), *keep_cols, *(w[0] for w in where)]
-            lacking = [c for c in need if c not in header]
-            if lacking:
-                raise ValueError(f"{path}: no column(s) {lacking}; its columns are {header}")
+            _need_columns(path, header, need)
             for line, r in enumerate(rd, 2):
                 at = f"{path} line {line}"
                 if any((r[c] or "").strip() != v for c, v in where):
@@ -1404,7 +1629,7 @@ def measure_read_speed(root, n=200, png_side=1024, seed=0):
             blobs.append(buf.getvalue())
         t = time.perf_counter()
         for b in blobs:
-            np.asarray(Image.open(io.BytesIO(b)).convert("L"))
+            np.asarray(read_image(b)[0])
         rates[key] = len(blobs) / (time.perf_counter() - t)
     return dict(cache=str(root), shape=list(c.images.shape), **{k: round(v, 1) for k, v in rates.items()})
 
@@ -1583,15 +1808,16 @@ def main(argv=None):
         print(json.dumps(r))
         return r
     out = args.out or Path("data") / args.dataset
-    if args.size < 8:
-        ap.error(f"--size {args.size} is too small (>= 8)")
+    for flag, low in (("size", 8), ("num_images", 1), ("workers", 1), ("limit", 1)):
+        if getattr(args, flag, None) is not None and getattr(args, flag) < low:
+            ap.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= {low}")
     if args.dataset == "chestxray14" and (args.train_list is None) != (args.val_list is None):
         ap.error("--train-list and --val-list go together: give both, or neither for our patient-level split")
     t0 = time.time()
     if args.dataset == "phantom":
         try:
             build_phantom(out, args.num_images, args.size, args.seed, workers=args.workers, force=args.force)
-        except FileExistsError as e:
+        except OSError as e:                           # exists, in use, disk full: one clear line
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
         print(f"wrote {out}: {args.num_images} phantoms at {args.size}px in {time.time() - t0:.1f}s", file=sys.stderr)
@@ -1602,7 +1828,7 @@ def main(argv=None):
                   source=str(args.src.resolve()))
     try:
         items, archives, report, kw = _scan(args)
-    except (FileNotFoundError, ValueError) as e:       # missing CSV / list, malformed CSV: one clear line
+    except (OSError, ValueError, DataError) as e:      # missing CSV / list, malformed CSV: one clear line
         print(f"error: {e}\nnothing was written to {out}", file=sys.stderr)
         sys.exit(1)
     if args.limit is not None:
@@ -1614,7 +1840,7 @@ def main(argv=None):
               + ", ".join(f"{n} image(s) by {how}" for how, n in report["patient_rule_counts"].items()), file=sys.stderr)
     try:
         out, report = convert(items, out, dataset=out.name if args.dataset == "csv" else args.dataset, report=report, archives=archives, **common, **kw)
-    except (RuntimeError, ValueError, FileExistsError) as e:
+    except (RuntimeError, ValueError, OSError) as e:   # bad file, exists, in use, disk full
         print_report(report)
         print(f"error: {e}\nnothing was written to {out}", file=sys.stderr)
         sys.exit(1)
@@ -1623,6 +1849,10 @@ def main(argv=None):
         if report.get(key):
             print(f"WARNING: {len(report[key])} image(s) {key.replace('_', ' ')}: left out of the cache "
                   f"(names in report.json)", file=sys.stderr)
+    for key in ("duplicate_rows", "duplicate_list_entries", "duplicate_files"):
+        if report.get(key):
+            print(f"WARNING: {len(report[key])} {key.replace('_', ' ')}: each image taken once (the first of equal "
+                  f"rows, the first file found; which ones: report.json)", file=sys.stderr)
     if report.get("patients_in_two_splits"):
         print(f"WARNING: {len(report['patients_in_two_splits'])} patient(s) in two splits, as the table's split "
               f"says (names in report.json): the split is not patient-level", file=sys.stderr)
@@ -1632,4 +1862,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill`: clean up the temporary folder like Ctrl-C
     main()

@@ -24,6 +24,7 @@ functions take such a callable, so they can be tested with hand-made encoders of
 """
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -324,14 +325,11 @@ def correspond(fa, fb, T, H, W, G, lm_a=None, lm_b=None):
 # ----------------------------------------------------------------------------- data
 
 def read_dicom_grey(path, size):
-    """RG1_UNCR.dcm-like radiograph -> 1 x size x size float in [0, 1], through data_prep's DICOM reader with the
-    1st..99th percentile window (RG1's header window is the whole 15-bit range, too flat to see anything;
-    MONOCHROME1 inverted so bone is bright as in the PNG datasets), centre-cropped to a square (no distortion)."""
-    from PIL import Image
-    im, _ = data_prep.dicom_to_grey(path, window="percentile")
-    w, h = im.size
-    s = min(w, h)
-    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize((size, size), Image.BILINEAR)
+    """RG1_UNCR.dcm-like radiograph (or any image) -> 1 x size x size float in [0, 1], through data_prep.read_image:
+    DICOM with the 1st..99th percentile window (RG1's header window is the whole 15-bit range, too flat to see
+    anything; MONOCHROME1 inverted so bone is bright as in the PNG datasets), centre-cropped to a square (no
+    distortion) and resized."""
+    im, _ = data_prep.read_image(path, 1, size, fit="crop", dicom_window="percentile")
     return (np.asarray(im, np.float32) / 255)[None]
 
 
@@ -671,4 +669,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (OSError, ValueError, data_prep.DataError) as e:  # bad input, a full disk: one clear line, no traceback
+        sys.exit(f"eve.py: error: {e}")

@@ -40,7 +40,7 @@ from torchvision.transforms import v2
 
 import data_prep
 from adam import ARCHS, imagenet_normalise
-from runs import backbone_file, load_checkpoint, write_atomic
+from runs import backbone_file, first_nonfinite, load_checkpoint, write_atomic
 
 # -----------------------------------------------------------------------------
 # Loading pretrained backbones (shared with eve.py: keep the signature)
@@ -170,6 +170,9 @@ def load_backbone(init: str, arch: str = "resnet50") -> nn.Module:
         raise ValueError(f"bad --init {init!r}: use adam:PATH, moco:PATH, torchvision:PATH, imagenet, timm:PATH, "
                          f"xrv:PATH or random")
     sd, path = _init_state(kind, path, arch)
+    bad = first_nonfinite(sd)
+    if bad:  # a diverged run's weights: refused, not trained on
+        raise ValueError(f"{init}: {path}: {bad} holds NaN or infinite values (the run that wrote it diverged)")
     want = model.state_dict()
     # Old checkpoints may lack BatchNorm's num_batches_tracked counters; they carry no learned weights.
     for k in want:
@@ -776,5 +779,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
+    except (OSError, ValueError) as e:  # bad input, a full disk: one clear line, no traceback
         sys.exit(f"finetune.py: error: {e}")

@@ -1,5 +1,5 @@
-"""The run folder of adam.py: what a pretraining run writes, and how it resumes. Bookkeeping beside the
-method (adam.py), and the one home of the atomic writer and the checkpoint reader that finetune.py, eve.py
+"""The run folder of adam.py: what a pretraining run writes, how it resumes, and what it refuses. Bookkeeping beside
+the method (adam.py), and the one home of the atomic writer and the checkpoint reader that finetune.py, eve.py
 and bench.py use too.
 
     OUT/args.json                  every setting, versions, commit and command, at every start
@@ -10,12 +10,24 @@ and bench.py use too.
     OUT/adam_<arch>_level<n>_best.pth  the backbone of the stage's epoch with the lowest validation loss (the encoder
                                    the authors fine-tune, docs/METHOD.md §5); its epoch is best_epoch in log.jsonl
     OUT/tb/                        TensorBoard scalars (--tensorboard)
+    OUT/.lock                      held while a run writes OUT: a second run into OUT is refused at once
+
+Nothing lost, nothing silently wrong: each file is written under a unique temporary name, fsynced and renamed into
+place (a full disk: "disk full while writing FILE", the previous file kept); an OUT that holds another run is
+refused unless the run continues it (--resume) or replaces it (--overwrite); a NaN or infinite loss or weight
+stops the run before it writes anything, naming where; a checkpoint with pickled code or non-finite tensors is
+refused by name. adam.py's flags are checked when parsed (the argparse types at the end) and, on --resume, against
+the saved run (check_resume).
 """
+import argparse
 import json
 import math
 import os
+import pickle
 import platform
 import re
+import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -23,32 +35,95 @@ from pathlib import Path
 
 import torch
 
+import data_prep  # the safe-writing pieces shared with the dataset caches: FolderLock, fsync, DiskFull
+
 
 def write_atomic(path, write):
-    """write(tmp path), then rename it onto path (made with its folder): a reader or a crash sees the old file or
-    the new one, never half of one. The writer of every checkpoint, result and figure. Returns str(path)."""
+    """write(tmp path), fsync, then rename it onto path (made with its folder): a reader or a crash sees the old file
+    or the new one, never half of one, and two writers never share a temporary name. A full disk raises DiskFull
+    naming the file; the temporary file is removed and the previous file kept. The writer of every checkpoint,
+    result and figure. Returns str(path)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         write(tmp)
+        data_prep.fsync(tmp)
         os.replace(tmp, path)
-    except BaseException:
+        data_prep.fsync(path.parent)
+    except BaseException as e:
+        full = isinstance(e, Exception) and data_prep.disk_full(e, path.parent)
         tmp.unlink(missing_ok=True)
+        if full:
+            kept = "; the previous one is kept" if path.exists() else ""
+            raise data_prep.DiskFull(f"disk full while writing {path}{kept}: free some space (or pick another "
+                                     f"folder) and run again") from None
         raise
     return str(path)
 
 
-def load_checkpoint(path, flag="--resume"):
-    """torch.load(weights_only=True): a checkpoint is data, not code. The one checkpoint reader (adam.py
-    --resume, finetune.py and eve.py --init); errors name the flag and the file."""
+def load_checkpoint(path, flag="--resume", keys=()):
+    """torch.load(weights_only=True): a checkpoint is data, not code. The one checkpoint reader (adam.py --resume,
+    finetune.py and eve.py --init). Refused with the flag and the file: a file holding pickled Python objects (never
+    run), an unreadable one, one without `keys`, one with a NaN or infinite tensor (named)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{flag}: no checkpoint at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only refuses arbitrary objects; say which file
-        raise ValueError(f"{flag}: could not load {path} with torch.load(weights_only=True): {e}") from e
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only met a Python object: refused before anything ran
+        named = re.search(r"GLOBAL (\S+)", str(e))
+        raise ValueError(f"{flag}: {path} is not a plain-data checkpoint: it holds "
+                         f"{'the Python object ' + named.group(1) if named else 'pickled Python objects'}, which "
+                         f"loading would run as code, so torch.load(weights_only=True) refused it. Pass a file of "
+                         f"tensors only (what torch.save(model.state_dict(), FILE) writes)") from None
+    except Exception as e:
+        raise ValueError(f"{flag}: {path} is not a readable checkpoint ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0]}); is the file complete?") from None
+    lacking = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+    if lacking:
+        raise ValueError(f"{flag}: {path} is not an adam.py checkpoint (no {', '.join(lacking)})")
+    bad = first_nonfinite(obj)
+    if bad:
+        raise ValueError(f"{flag}: {path}: {bad} holds NaN or infinite values (the run that wrote it diverged); use "
+                         f"a checkpoint from before, or train again with a lower --lr")
+    return obj
+
+
+def first_nonfinite(obj, name=""):
+    """The dotted name of the first floating-point tensor in obj (nested dicts, lists, tuples) with a NaN or an
+    infinite value, or None."""
+    if torch.is_tensor(obj):
+        return (name or "a tensor") if obj.is_floating_point() and not torch.isfinite(obj).all() else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        bad = first_nonfinite(value, f"{name}.{key}" if name else str(key))
+        if bad:
+            return bad
+    return None
+
+
+class NonFinite(ValueError):
+    """Training diverged: a loss or a weight became NaN or infinite."""
+
+
+def diverged(what, stage, level, epoch, step, args):
+    """The error that stops a diverged run: where, the usual causes, and what was kept."""
+    out = Path(args.out)
+    kept = (f"the last good checkpoint and exports in {out} are kept: continue from them with `--resume {out} --lr "
+            f"{args.lr / 10:g}`" if (out / "checkpoint.pth").exists() else f"nothing was saved in {out}")
+    return NonFinite(f"{what} is not finite in stage {stage + 1} (level {level}), epoch {epoch}, step {step}: training "
+                     f"diverged. Usual causes: --lr {args.lr:g} too high, --temperature {args.temperature:g} too low, "
+                     f"broken images; {kept}")
+
+
+def check_finite(record, args, **state):
+    """Stop a diverged run at the end of an epoch, before anything is written: the epoch's training loss, then every
+    tensor of `state` (student, teacher, bank: a weight can break in the epoch's last step), named. A non-finite
+    validation loss alone does not stop it: it is logged as null and never taken as the best epoch."""
+    bad = ("the epoch's loss" if not math.isfinite(record["loss"]) else None) or first_nonfinite(state)
+    if bad:
+        raise diverged(bad, record["stage"], record["level"], record["epoch"], record["step"], args)
 
 
 def save_checkpoint(path, **state):
@@ -103,7 +178,7 @@ def resume(args, student, teacher, bank, say):
     to continue from; (0, 0, 0, None) for a fresh run. The optimiser state is restored by its stage."""
     if not args.resume:
         return 0, 0, 0, None
-    ckpt = load_checkpoint(Path(args.resume) / "checkpoint.pth")
+    ckpt = load_checkpoint(Path(args.resume) / "checkpoint.pth", keys=CHECKPOINT_KEYS)
     student.load_state_dict(ckpt["student"])
     teacher.load_state_dict(ckpt["teacher"])
     bank.queue.copy_(ckpt["bank"])
@@ -119,17 +194,105 @@ def resume(args, student, teacher, bank, say):
     return stage, epoch, ckpt["step"], ckpt
 
 
+CHECKPOINT_KEYS = ("args", "stage", "level", "epoch", "step", "student", "teacher", "bank", "bank_ptr", "optimizer",
+                   "rng")
+
+
+def check_resume(args, ckpt):
+    """--resume DIR with flags passed again: refuse what the saved run cannot continue with, naming the flag: another
+    backbone, embedding size or bank size (the saved weights do not fit), levels other than the stages it has
+    trained, fewer epochs than its last stage has done, another weight decay or momentum in the middle of a stage
+    (the restored optimiser state would keep the saved ones)."""
+    saved, where = ckpt["args"], f"the run in {args.resume}"
+    for key in ("arch", "dim", "queue_size"):
+        if getattr(args, key) != saved.get(key):
+            raise ValueError(f"--{key.replace('_', '-')} {getattr(args, key)}: {where} was trained with "
+                             f"{saved.get(key)}; leave the flag out to continue it, or start a new run in another "
+                             f"--out")
+    done = [int(n) for n in str(saved["levels"]).split(",")][:ckpt["stage"] + 1]
+    if args.level_list[:len(done)] != done:
+        raise ValueError(f"--levels {args.levels}: {where} has trained level(s) {','.join(map(str, done))}; list "
+                         f"them first (e.g. --levels {saved['levels']}), or start a new run in another --out")
+    if ckpt["epoch"] > args.epochs:
+        raise ValueError(f"--epochs {args.epochs}: {where} has done {ckpt['epoch']} epochs of level {ckpt['level']}; "
+                         f"pass --epochs {ckpt['epoch']} or more")
+    for key in ("wd", "momentum"):                # mid-stage, the saved optimiser state brings its own
+        if ckpt["epoch"] < args.epochs and getattr(args, key) != saved.get(key):
+            raise ValueError(f"--{key} {getattr(args, key):g}: {where} is in the middle of its level-{ckpt['level']} "
+                             f"stage, whose optimiser state keeps --{key} {saved.get(key):g}; leave the flag out, or "
+                             f"change it where a new stage starts")
+
+
+def run_files(out, trained_only=False):
+    """What a run wrote in OUT: checkpoint, log, exported backbones, and (unless trained_only) args.json and the
+    TensorBoard folder, which a run that stopped before its first epoch leaves alone."""
+    out = Path(out)
+    names = ("checkpoint.pth", "log.jsonl") + (() if trained_only else ("args.json", "tb"))
+    return [out / n for n in names if (out / n).exists()] + sorted(out.glob("adam_*_level*.pth"))
+
+
+def claim(args):
+    """Lock OUT for this run (another process writing it: refused at once) and refuse an OUT that holds another run
+    unless this run continues it (--resume OUT) or replaces it (--overwrite: that run's files are deleted first).
+    Returns the lock."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = data_prep.FolderLock(out / ".lock", f"--out {out} is in use by another adam.py run (pid {{pid}}): wait "
+                                f"for it to end, or pick another --out")
+    found = run_files(out, trained_only=True)
+    if found and not (args.resume and Path(args.resume).resolve() == out.resolve()):
+        if not args.overwrite:
+            lock.release()
+            raise ValueError(f"--out {out} holds another run ({', '.join(f.name for f in found[:4])}"
+                             f"{', ...' if len(found) > 4 else ''}): continue it with `--resume {out}`, pick a new "
+                             f"--out, or pass --overwrite to replace it")
+        for f in run_files(out):
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+    return lock
+
+
+def append_log(path, record):
+    """Add an epoch's line to log.jsonl by rewriting the file atomically: strict JSON (a non-finite number becomes
+    null, never a bare NaN) and each epoch once: the lines of this epoch and later ones, left by a run killed after
+    its log line but before its checkpoint, are dropped when the resumed run redoes that epoch."""
+    path, key, lines = Path(path), (record["stage"], record["epoch"]), []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            r = json.loads(line)
+            if (r["stage"], r["epoch"]) < key:
+                lines.append(line)
+        except (ValueError, KeyError, TypeError):  # a torn line (a file from an older version): dropped
+            pass
+    lines.append(json.dumps(_json_safe(record), allow_nan=False))
+    write_atomic(path, lambda p: Path(p).write_text("".join(line + "\n" for line in lines)))
+
+
+def _json_safe(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    return [_json_safe(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+
 class RunFolder:
-    """Rank 0's writer of OUT (other ranks get one that writes nothing): args.json when the run starts,
-    TensorBoard scalars per step, and after each epoch the log line, the stage's backbones and the checkpoint.
+    """Rank 0's writer of OUT (other ranks get one that writes nothing): the lock on OUT and args.json when the run
+    starts, TensorBoard scalars per step, and after each epoch the log line, the stage's backbones and the
+    checkpoint, once the epoch's losses and weights are known to be finite (every rank checks).
     ckpt: the checkpoint a resumed run continues from (it carries the stage's best validation loss so far)."""
 
     def __init__(self, args, fused, active=True, ckpt=None):
         self.args, self.out, self.active = args, Path(args.out), active
         self.tb, self.best = None, (ckpt or {}).get("best")  # best: {stage, level, epoch, val_loss} or None
+        self.lock = None
         if active:
-            write_args_json(self.out, args, fused)
-            self.tb = tensorboard_writer(args, self.out)
+            self.lock = claim(args)
+            try:
+                write_args_json(self.out, args, fused)
+                self.tb = tensorboard_writer(args, self.out)
+            except BaseException:
+                self.lock.release()
+                raise
 
     def step(self, step, **scalars):
         if self.tb:
@@ -137,6 +300,7 @@ class RunFolder:
                 self.tb.add_scalar(f"train/{key}", value, step)
 
     def end_of_epoch(self, record, student, teacher, bank, optimizer, summary):
+        check_finite(record, self.args, student=student.state_dict(), teacher=teacher.state_dict(), bank=bank.queue)
         if not self.active:
             return
         args, out = self.args, self.out
@@ -147,8 +311,7 @@ class RunFolder:
         if improved:
             best = self.best = {k: record[k] for k in ("stage", "level", "epoch")} | {"val_loss": val}
         record["best_epoch"] = best["epoch"] if best else None  # the stage's lowest validation loss so far
-        with open(out / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_log(out / "log.jsonl", record)
         if improved:
             summary.setdefault("best", {})[record["level"]] = export_backbone(
                 student, out / backbone_name(args.arch, record["level"], best=True))
@@ -170,6 +333,8 @@ class RunFolder:
     def close(self):
         if self.tb:
             self.tb.close()
+        if self.lock:
+            self.lock.release()
 
 
 def write_args_json(out, args, fused):
@@ -219,3 +384,69 @@ def tensorboard_writer(args, out):
         raise ValueError(f"--tensorboard needs the tensorboard package ({e}): pip install tensorboard, "
                          f"or run without --tensorboard (log.jsonl has the same numbers)") from None
     return SummaryWriter(log_dir=str(Path(out) / "tb"))
+
+
+# -----------------------------------------------------------------------------
+# adam.py's flags, checked when parsed: argparse types, so a degenerate setting ends in one line naming the flag
+# before anything runs.
+
+class Parser(argparse.ArgumentParser):
+    """argparse with an error as one line (the flag, what is wrong, --help), not after the whole usage text."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def number(cast=int, low=None, high=None, low_open=False):
+    """An argparse type: `cast` of the text, finite, in [low, high] ((low, high] with low_open)."""
+    what = ("an integer" if cast is int else "a number") + (
+        "" if low is None else f" {'>' if low_open else '>='} {low:g}" if high is None
+        else f" in {'(' if low_open else '['}{low:g}, {high:g}]")
+
+    def parse(text):
+        try:
+            x = cast(text)
+        except ValueError:
+            x = None
+        if x is None or not math.isfinite(x) or low is not None and (x <= low if low_open else x < low) \
+                or high is not None and x > high:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return x
+    return parse
+
+
+def threshold(text):
+    """--threshold: a cosine in (-1, 1] (at -1 the pruner would drop every negative and the loss be zero), or
+    'off' (= 1: nothing is pruned)."""
+    if text.strip().lower() == "off":
+        return 1.0
+    try:
+        return number(float, -1, 1, low_open=True)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a cosine in (-1, 1] or 'off'") from None
+
+
+def levels(text):
+    """--levels: comma-separated levels 0..16 (kept as the text, as args.json and checkpoints hold it). Whether the
+    finest one fits the images and --img-size is checked when the data is open (adam.open_data)."""
+    try:
+        ok = all(0 <= int(n) <= 16 for n in text.split(","))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated levels 0..16, e.g. 0,2,4")
+    return text
+
+
+def device(text):
+    """--device: auto, cpu, cuda or cuda:N, checked against the GPUs torch sees."""
+    m = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r}: use auto, cpu, cuda or cuda:N")
+    n = torch.cuda.device_count() if text.startswith("cuda") else 0
+    if text.startswith("cuda") and n == 0:
+        raise argparse.ArgumentTypeError(f"{text}: torch sees no CUDA GPU (no GPU or driver here, or a CPU build of "
+                                         f"torch {torch.__version__}); use --device cpu")
+    if m.group(1) and int(m.group(1)) >= n:
+        raise argparse.ArgumentTypeError(f"{text}: torch sees {n} GPU(s), cuda:0 to cuda:{n - 1}")
+    return text

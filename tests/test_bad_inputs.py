@@ -1,0 +1,534 @@
+"""Bad input, tried as a careless or hostile user would. Each row of ROWS is one try: the command, the one line it
+must end with (no traceback), and what must not have changed (nothing lost) or not have appeared (nothing half
+written). The tries that need more than one command follow: a diverging run keeping its last good checkpoint, a
+kill between the log line and the checkpoint, a second process on the same folder, a full disk (a small tmpfs
+where this machine lets us mount one, else a simulated write failure), the one image reader, caches and lists."""
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import adam
+import data_prep as dp
+import eve
+import finetune
+import runs
+from conftest import ROOT, TINY_RUN
+
+# What each script's `if __name__ == "__main__"` turns into one line (argparse errors exit by themselves).
+ONE_LINE = {adam: (OSError, ValueError, dp.DataError), finetune: (OSError, ValueError),
+            eve: (OSError, ValueError, dp.DataError)}
+
+
+class Payload:
+    """A pickle that would create `marker` when loaded: loading must refuse it before running it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+@pytest.fixture(scope="module")
+def d(tiny_adam_run, phantom_root, tmp_path_factory):
+    """The bad inputs, made once: a NaN run, a pickle payload, a foreign checkpoint, unfinished and nested caches,
+    data_prep's temporary folder, a folder that is not a cache, a ChestX-ray14 table with ';' separators."""
+    base = tmp_path_factory.mktemp("bad")
+    w = SimpleNamespace(base=base, run=tiny_adam_run, phantom=phantom_root, marker=base / "PAYLOAD_RAN")
+    w.tiny = TINY_RUN + ["--data-root", str(phantom_root)]
+    w.nan_run = base / "nan_run"
+    w.nan_run.mkdir()
+    ckpt = torch.load(tiny_adam_run / "checkpoint.pth", weights_only=True)
+    ckpt["student"]["backbone.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(ckpt, w.nan_run / "checkpoint.pth")
+    export = torch.load(tiny_adam_run / "adam_resnet18_level2.pth", weights_only=True)
+    export["layer1.0.bn1.running_var"][3] = float("inf")
+    torch.save(export, w.nan_run / "adam_resnet18_level2.pth")
+    w.evil = base / "evil"
+    w.evil.mkdir()
+    torch.save({"args": {}, "student": Payload(w.marker)}, w.evil / "checkpoint.pth")
+    w.mid = base / "mid"                                # a run stopped after epoch 1 of 2
+    w.mid.mkdir()
+    ckpt["student"]["backbone.conv1.weight"][0, 0, 0, 0] = 0.0
+    torch.save(dict(ckpt, stage=0, level=0, epoch=1, args=dict(ckpt["args"], epochs=2)), w.mid / "checkpoint.pth")
+    w.foreign = base / "foreign"                        # a fine-tuning checkpoint given to --resume
+    w.foreign.mkdir()
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, w.foreign / "checkpoint.pth")
+    w.unfinished = base / "unfinished"                   # a cache whose conversion was killed: no meta.json
+    shutil.copytree(phantom_root, w.unfinished)
+    (w.unfinished / "meta.json").unlink()
+    w.tmpfolder = base / ".phantom.tmp-999999999"        # data_prep's temporary folder given as --data
+    shutil.copytree(phantom_root / "png", w.tmpfolder)
+    w.holder = base / "holder"                           # a folder holding a cache (and its test images)
+    shutil.copytree(phantom_root, w.holder / "phantom")
+    w.badmeta = base / "badmeta"
+    shutil.copytree(phantom_root, w.badmeta)
+    (w.badmeta / "meta.json").write_text("{not json")
+    w.notcache = base / "notcache"
+    w.notcache.mkdir()
+    (w.notcache / "thesis.tex").write_text("months of work")
+    w.semicolon = base / "cxr_semicolon"
+    (w.semicolon / "images").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(w.semicolon / "images" / "00000001_000.png")
+    (w.semicolon / "Data_Entry_2017.csv").write_text("Image Index;Finding Labels;Patient ID\n"
+                                                     "00000001_000.png;No Finding;1\n")
+    (w.semicolon / "train_val_list.txt").write_text("00000001_000.png\n")
+    (w.semicolon / "test_list.txt").write_text("")
+    w.nocols = base / "cxr_nocols"
+    shutil.copytree(w.semicolon, w.nocols)
+    (w.nocols / "Data_Entry_2017.csv").write_text("Image,Labels\n00000001_000.png,No Finding\n")
+    return w
+
+
+# (id, script, argv from the fixture (d.out: a fresh folder for the row's output), the one line (regex), fixture
+# paths that must stay unchanged, paths that must not exist (d's, else under d.out; "" = d.out itself))
+ROWS = [
+    # flags, checked when parsed
+    ("batch-size-0", adam, lambda d: d.tiny + ["--batch-size", "0", "--out", str(d.out)],
+     r"argument --batch-size: '0' is not an integer >= 1", [], [""]),
+    ("queue-size-0", adam, lambda d: d.tiny + ["--queue-size", "0", "--out", str(d.out)],
+     r"argument --queue-size: '0' is not an integer >= 1", [], [""]),
+    ("print-freq-0", adam, lambda d: d.tiny + ["--print-freq", "0", "--out", str(d.out)],
+     r"argument --print-freq: '0' is not an integer >= 1", [], [""]),
+    ("steps-negative", adam, lambda d: d.tiny + ["--steps-per-epoch", "-1", "--out", str(d.out)],
+     r"argument --steps-per-epoch: '-1' is not an integer >= 1", [], [""]),
+    ("epochs-0", adam, lambda d: d.tiny + ["--epochs", "0", "--out", str(d.out)],
+     r"argument --epochs: '0' is not an integer >= 1", [], [""]),
+    ("threshold-minus-1", adam, lambda d: d.tiny + ["--threshold", "-1", "--out", str(d.out)],
+     r"argument --threshold: '-1' is not a cosine in \(-1, 1\] or 'off'", [], [""]),
+    ("threshold-nan", adam, lambda d: d.tiny + ["--threshold", "nan", "--out", str(d.out)],
+     r"argument --threshold: 'nan' is not a cosine", [], [""]),
+    ("lr-overflows-float32", adam, lambda d: d.tiny + ["--lr", "1e300", "--out", str(d.out)],
+     r"argument --lr: '1e300' is not a number in \[0, 1e\+30\]", [], [""]),
+    ("temperature-0", adam, lambda d: d.tiny + ["--temperature", "0", "--out", str(d.out)],
+     r"argument --temperature: '0' is not a number > 0", [], [""]),
+    ("levels-syntax", adam, lambda d: d.tiny + ["--levels", "0,two", "--out", str(d.out)],
+     r"argument --levels: '0,two': expected comma-separated levels", [], [""]),
+    ("levels-too-fine", adam, lambda d: d.tiny + ["--levels", "9", "--out", str(d.out)],
+     r"--levels 9: level 9 cuts the 64x64 images .* into parts of 4x2 px, under 1/4 of --img-size 32", [], [""]),
+    ("arch-unknown", adam, lambda d: d.tiny + ["--arch", "resnext50", "--out", str(d.out)],
+     r"argument --arch: invalid choice: 'resnext50'", [], [""]),
+    ("device-cuda-without-gpu", adam, lambda d: d.tiny + ["--device", "cuda", "--out", str(d.out)],
+     r"argument --device: cuda: torch sees no CUDA GPU .* use --device cpu", [], [""]),
+    # every --resume mismatch, and checkpoints that are not what they claim
+    ("resume-arch", adam, lambda d: ["--resume", str(d.run), "--arch", "resnet34"],
+     r"--arch resnet34: the run in .* was trained with resnet18; leave the flag out", ["run"], []),
+    ("resume-dim", adam, lambda d: ["--resume", str(d.run), "--dim", "64"],
+     r"--dim 64: the run in .* was trained with 128", ["run"], []),
+    ("resume-queue-size", adam, lambda d: ["--resume", str(d.run), "--queue-size", "30"],
+     r"--queue-size 30: the run in .* was trained with 60", ["run"], []),
+    ("resume-levels", adam, lambda d: ["--resume", str(d.run), "--levels", "2,4"],
+     r"--levels 2,4: the run in .* has trained level\(s\) 0,2; list them first", ["run"], []),
+    ("resume-wd-mid-stage", adam, lambda d: ["--resume", str(d.mid), "--wd", "0.1"],
+     r"--wd 0.1: the run in .* is in the middle of its level-0 stage, whose optimiser state keeps --wd 0.0001", ["mid"],
+     []),
+    ("resume-nothing", adam, lambda d: ["--resume", str(d.base)],
+     r"--resume: no checkpoint at .*checkpoint.pth", [], []),
+    ("resume-foreign", adam, lambda d: ["--resume", str(d.foreign)],
+     r"is not an adam.py checkpoint \(no args, stage", ["foreign"], []),
+    ("resume-pickle-payload", adam, lambda d: ["--resume", str(d.evil)],
+     r"--resume: .*checkpoint.pth is not a plain-data checkpoint: it holds the Python object .*open, which loading "
+     r"would run as code, so torch.load\(weights_only=True\) refused it", ["evil"], ["marker"]),
+    ("resume-nan", adam, lambda d: ["--resume", str(d.nan_run)],
+     r"checkpoint.pth: student.backbone.conv1.weight holds NaN or infinite values", ["nan_run"], []),
+    # an --out that holds another run
+    ("out-holds-a-run", adam, lambda d: d.tiny + ["--out", str(d.mid)],
+     r"--out .*mid holds another run \(checkpoint.pth\): continue it with `--resume .*mid`, pick a new --out, or "
+     r"pass --overwrite", ["mid"], []),
+    # a folder is a cache only with a valid meta.json; data_prep's temporary folders are never data
+    ("data-unfinished-cache", adam, lambda d: d.tiny[:-2] + ["--data", str(d.unfinished), "--out", str(d.out)],
+     r"unfinished is an unfinished data_prep.py cache \(images.npy but no meta.json", ["unfinished"], [""]),
+    ("data-temporary-folder", adam, lambda d: d.tiny[:-2] + ["--data", str(d.tmpfolder), "--out", str(d.out)],
+     r"data_prep.py's temporary folder of .*phantom \(a conversion still running, or killed\)", [], [""]),
+    ("data-holds-a-cache", adam, lambda d: d.tiny[:-2] + ["--data", str(d.holder), "--out", str(d.out)],
+     r"holder/phantom inside it is a data_prep.py cache; pass --data .*holder/phantom", ["holder"], [""]),
+    ("data-bad-meta", adam, lambda d: d.tiny[:-2] + ["--data", str(d.badmeta), "--out", str(d.out)],
+     r"badmeta/meta.json: not valid JSON", ["badmeta"], [""]),
+    # divergence stops the run before it writes; loaders refuse non-finite weights by name
+    ("lr-1e30", adam, lambda d: d.tiny + ["--lr", "1e30", "--out", str(d.out)],
+     r"the loss is not finite in stage 1 \(level 0\), epoch 1, step 2: training diverged. Usual causes: --lr 1e\+30 "
+     r"too high, --temperature 0.2 too low, broken images; nothing was saved", [],
+     ["checkpoint.pth", "log.jsonl", "adam_resnet18_level0.pth"]),
+    ("finetune-nan-init", finetune, lambda d: ["--task", "phantom-heart", "--data-root", str(d.phantom), "--arch",
+                                               "resnet18", "--init", f"adam:{d.nan_run}", "--out", str(d.out)],
+     r"--init: .*adam_resnet18_level2.pth: layer1.0.bn1.running_var holds NaN or infinite values", ["nan_run"],
+     ["results.json"]),
+    ("finetune-pickle-init", finetune, lambda d: ["--task", "phantom-heart", "--data-root", str(d.phantom), "--arch",
+                                                  "resnet18", "--init", f"moco:{d.evil / 'checkpoint.pth'}",
+                                                  "--out", str(d.out)],
+     r"--init: .* is not a plain-data checkpoint", ["evil"], ["marker", "results.json"]),
+    ("eve-nan-init", eve, lambda d: ["--init", f"adam:{d.nan_run}", "--arch", "resnet18", "--img-size", "32",
+                                     "--data-root", str(d.phantom), "--num-images", "4", "--what", "compositionality",
+                                     "--out", str(d.out)],
+     r"layer1.0.bn1.running_var holds NaN or infinite values", ["nan_run"], ["eve.json"]),
+    # data_prep: --force onto a folder that is not a cache, tables with other separators or columns, counts
+    ("force-onto-a-non-cache", dp, lambda d: ["phantom", "--out", str(d.notcache), "--num-images", "4", "--size",
+                                              "16", "--workers", "1", "--force"],
+     r"notcache exists, is not empty and is not a cache \(no meta.json\): --force replaces caches only", ["notcache"],
+     []),
+    ("csv-semicolons", dp, lambda d: ["chestxray14", "--src", str(d.semicolon), "--out", str(d.out), "--size", "16",
+                                      "--workers", "1"],
+     r"Data_Entry_2017.csv: no column\(s\) \['Image Index', 'Finding Labels'\]; it is separated by ';'",
+     ["semicolon"], [""]),
+    ("csv-other-columns", dp, lambda d: ["chestxray14", "--src", str(d.nocols), "--out", str(d.out), "--size", "16",
+                                         "--workers", "1"],
+     r"no column\(s\) \['Image Index', 'Finding Labels'\]; its columns are \['Image', 'Labels'\]", [], [""]),
+    ("data-prep-zero-images", dp, lambda d: ["phantom", "--out", str(d.out), "--num-images", "0"],
+     r"--num-images 0: must be >= 1", [], [""]),
+    ("data-prep-src-holds-a-cache", dp, lambda d: ["folder", "--src", str(d.holder), "--out", str(d.out),
+                                                   "--workers", "1"],
+     r"--src .*holder: .*holder/phantom inside it is a data_prep.py cache", ["holder"], [""]),
+]
+
+
+def snapshot(*paths):
+    """{file: (size, mtime)} under the paths: the same before and after = nothing was written or replaced."""
+    files = {}
+    for root in map(Path, paths):
+        for f in (sorted(root.rglob("*")) if root.is_dir() else [root]):
+            if f.is_file():
+                files[str(f)] = (f.stat().st_size, f.stat().st_mtime_ns)
+    return files
+
+
+def _where(d, name):
+    return getattr(d, name) if name and hasattr(d, name) else d.out / name
+
+
+def one_line(script, argv, capsys):
+    """Run a script's main in-process as its command line would: (the line it ends with, all of stderr)."""
+    try:
+        script.main(argv)
+    except SystemExit as e:                      # argparse, and data_prep's own one-line errors
+        assert e.code not in (0, None)
+        err = capsys.readouterr().err
+        return [line for line in err.splitlines() if "error:" in line][-1].split("error: ", 1)[1], err
+    except ONE_LINE.get(script, ()) as e:
+        assert "\n" not in str(e).strip(), f"more than one line: {e}"
+        return str(e), capsys.readouterr().err
+    raise AssertionError(f"{script.__name__}.main({argv}) did not fail")
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
+def test_bad_input_is_one_line_and_loses_nothing(row, d, capsys):
+    name, script, argv, message, unchanged, absent = row
+    if name == "device-cuda-without-gpu" and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    d.out = d.base / "out" / name
+    before = snapshot(*[_where(d, n) for n in unchanged])
+    line, err = one_line(script, argv(d), capsys)
+    assert re.search(message, line), line
+    assert "Traceback" not in err and "weights_only=False" not in line
+    assert snapshot(*[_where(d, n) for n in unchanged]) == before
+    assert not [n for n in absent if _where(d, n).exists()]
+
+
+@pytest.mark.parametrize("name", ["batch-size-0", "resume-arch", "data-holds-a-cache", "csv-semicolons",
+                                  "finetune-nan-init"])
+def test_the_command_line_prints_that_one_line(name, d):
+    """The same tries as real commands: exit status 1 or 2, the line on stderr, no traceback."""
+    _, script, argv, message, _, _ = next(r for r in ROWS if r[0] == name)
+    d.out = d.base / "cli" / name
+    done = subprocess.run([sys.executable, str(ROOT / f"{script.__name__}.py"), *argv(d)], capture_output=True,
+                          text=True, timeout=300, cwd=d.base, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode in (1, 2) and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert re.search(message, done.stderr), done.stderr[-2000:]
+
+
+# ---- divergence -----------------------------------------------------------------------------------------------
+
+def _strict_json_lines(path):
+    def refuse(token):
+        raise ValueError(f"bare {token} in {path}")
+    return [json.loads(line, parse_constant=refuse) for line in Path(path).read_text().splitlines()]
+
+
+@pytest.mark.parametrize("steps,what", [(2, r"the loss is not finite in stage 2 \(level 2\), epoch 1, step 4"),
+                                        (1, r"student\.\S+ is not finite in stage 2 \(level 2\), epoch 1, step 2")])
+def test_a_diverging_run_stops_and_keeps_its_last_good_files(steps, what, d, tmp_path):
+    """A good level-0 stage, then a level-2 stage with --lr 1e30 --wd 1e30: one step makes weights infinite. With
+    several steps per epoch the next loss is NaN; with one, the loss was still finite and the weights are caught at
+    the end of the epoch. Either way the run stops naming the place and the usual causes, the level-0 checkpoint and
+    export stay as they were, and log.jsonl stays strict JSON."""
+    out = tmp_path / "run"
+    adam.main(d.tiny + ["--levels", "0", "--steps-per-epoch", str(steps), "--out", str(out)])
+    before = snapshot(out / "checkpoint.pth", out / "adam_resnet18_level0.pth")
+    with pytest.raises(runs.NonFinite, match=what + r": training diverged.* the last good checkpoint and exports in "
+                                              r".* are kept: continue from them with `--resume .* --lr"):
+        adam.main(["--resume", str(out), "--levels", "0,2", "--lr", "1e30", "--wd", "1e30"])
+    assert snapshot(out / "checkpoint.pth", out / "adam_resnet18_level0.pth") == before
+    assert runs.first_nonfinite(runs.load_checkpoint(out / "checkpoint.pth")) is None
+    assert [(r["level"], r["epoch"]) for r in _strict_json_lines(out / "log.jsonl")] == [(0, 1)]
+
+
+def test_the_log_is_strict_json_whatever_the_record_holds(tmp_path):
+    runs.append_log(tmp_path / "log.jsonl", {"stage": 0, "epoch": 1, "loss": 1.5, "images_per_s": float("inf"),
+                                             "monitor": {"std": float("nan"), "ok": [1.0, float("-inf")]}})
+    (r,) = _strict_json_lines(tmp_path / "log.jsonl")
+    assert r == {"stage": 0, "epoch": 1, "loss": 1.5, "images_per_s": None, "monitor": {"std": None, "ok": [1.0, None]}}
+
+
+# ---- the run folder -------------------------------------------------------------------------------------------
+
+def test_overwrite_replaces_the_earlier_run_entirely(d, tmp_path):
+    """--overwrite deletes the earlier run's files first: no export of a level the new run does not reach stays
+    for `finetune --init adam:DIR` to pick, and the log holds the new run only."""
+    out = tmp_path / "run"
+    adam.main(d.tiny + ["--levels", "0,2", "--steps-per-epoch", "1", "--out", str(out)])
+    adam.main(d.tiny + ["--levels", "0", "--steps-per-epoch", "1", "--out", str(out), "--overwrite"])
+    assert sorted(p.name for p in out.glob("adam_*.pth")) == ["adam_resnet18_level0.pth"]
+    assert [(r["level"], r["epoch"]) for r in _strict_json_lines(out / "log.jsonl")] == [(0, 1)]
+    assert runs.backbone_file(out, "resnet18")[0].name == "adam_resnet18_level0.pth"
+
+
+def test_a_kill_between_log_line_and_checkpoint_leaves_each_epoch_once(d, tmp_path, monkeypatch):
+    out, real_save = tmp_path / "run", runs.save_checkpoint
+
+    def die_before_the_second_checkpoint(path, **state):
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt                # after epoch 2's log line, before its checkpoint
+        real_save(path, **state)
+    monkeypatch.setattr(runs, "save_checkpoint", die_before_the_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        adam.main(d.tiny + ["--levels", "0", "--epochs", "2", "--steps-per-epoch", "1", "--out", str(out)])
+    assert [r["epoch"] for r in _strict_json_lines(out / "log.jsonl")] == [1, 2]
+    monkeypatch.setattr(runs, "save_checkpoint", real_save)
+    adam.main(["--resume", str(out)])                 # redoes epoch 2
+    assert [r["epoch"] for r in _strict_json_lines(out / "log.jsonl")] == [1, 2]
+    assert runs.load_checkpoint(out / "checkpoint.pth")["epoch"] == 2
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """Another process holding a FolderLock on a path, for as long as the test needs it."""
+    procs = []
+
+    def hold(path):
+        code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); import data_prep; "
+                f"data_prep.FolderLock({str(path)!r}, 'busy'); print('locked', flush=True); time.sleep(120)")
+        p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        procs.append(p)
+        assert p.stdout.readline().strip() == "locked"
+        return p.pid
+    yield hold
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def test_a_second_process_on_the_same_folder_is_refused_at_once(d, tmp_path, holder, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    pid = holder(out / ".lock")
+    t = time.time()
+    with pytest.raises(BlockingIOError, match=rf"--out {re.escape(str(out))} is in use by another adam.py run "
+                                              rf"\(pid {pid}\): wait for it to end, or pick another --out"):
+        adam.main(d.tiny + ["--out", str(out)])
+    assert time.time() - t < 60 and not (out / "args.json").exists()
+    cache = tmp_path / "cache"
+    pid = holder(tmp_path / ".cache.lock")
+    with pytest.raises(SystemExit):
+        dp.main(["phantom", "--out", str(cache), "--num-images", "4", "--size", "16", "--workers", "1"])
+    assert f"{cache} is being written by another data_prep.py (pid {pid})" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.lock", "run"]
+
+
+def test_temporary_names_are_unique_and_files_are_synced_before_the_rename(tmp_path, monkeypatch):
+    """Two writers of one file never share a temporary name (here one writes while the other is half way), and the
+    data reaches the disk before the rename publishes it."""
+    target, seen = tmp_path / "checkpoint.pth", []
+
+    def outer(p):
+        Path(p).write_text("outer")
+        seen.append(p)
+        runs.write_atomic(target, lambda q: (seen.append(q), Path(q).write_text("inner")))
+    runs.write_atomic(target, outer)
+    assert seen[0] != seen[1] and target.read_text() == "outer" and not list(tmp_path.glob(".*"))
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
+    runs.write_atomic(target, lambda p: Path(p).write_text("x"))
+    assert events[:2] == ["fsync", "replace"]
+
+
+# ---- a full disk -----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size) -> a folder on a tmpfs of that size, or None where this machine does not let us mount one."""
+    mounted = []
+
+    def mount(size):
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        if os.geteuid() != 0 or not shutil.which("mount"):
+            return None
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+        if r.returncode:
+            return None
+        mounted.append(where)
+        return where
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_data_prep_on_a_full_disk_says_so_and_leaves_nothing(small_disk, tmp_path, monkeypatch, capsys):
+    """Before writing: the size is known, the free space checked. While writing (the disk filled meanwhile): the
+    memory-mapped files are allocated first, so ENOSPC (not SIGBUS) arrives, as one line. Nothing stays behind."""
+    disk = small_disk("1m")
+    if disk is None:                                   # no tmpfs here: a disk that reports 100 kB free
+        disk = tmp_path / "disk"
+        disk.mkdir()
+        monkeypatch.setattr(dp.shutil, "disk_usage", lambda p: SimpleNamespace(free=100_000))
+    args = ["phantom", "--out", str(disk / "phantom"), "--num-images", "40", "--size", "64", "--workers", "1"]
+    with pytest.raises(SystemExit):
+        dp.main(args)
+    err = capsys.readouterr().err
+    assert re.search(r"error: disk full: writing .*phantom needs about 1.\d MiB and .* has \d+.\d MiB free; free space",
+                     err), err
+    assert "Traceback" not in err and list(disk.iterdir()) == []
+    monkeypatch.setattr(dp, "check_room", lambda *a: None)   # the check passed, then the disk filled up
+    if not disk.is_mount():                            # no tmpfs: allocating the memory-mapped files finds no room
+        def no_room(fd, offset, length):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(os, "posix_fallocate", no_room, raising=False)
+        monkeypatch.setattr(dp.shutil, "disk_usage", lambda p: SimpleNamespace(free=0))
+    with pytest.raises(SystemExit):
+        dp.main(args)
+    err = capsys.readouterr().err
+    assert re.search(r"error: disk full while writing .*phantom: nothing was written; free space", err), err
+    assert "Traceback" not in err and list(disk.iterdir()) == []
+
+
+def test_adam_on_a_full_disk_keeps_the_previous_checkpoint(d, small_disk, tmp_path, monkeypatch):
+    """A 250 MB disk holds epoch 1's checkpoint (~140 MB) and the level-0 export, not a second checkpoint beside
+    the first: the write fails as "disk full while writing OUT/checkpoint.pth", the epoch-1 checkpoint stays,
+    no temporary file is left. Without a tmpfs: torch.save fails as it does on a full disk."""
+    disk = small_disk("250m")
+    if disk is None:
+        disk, real_save = tmp_path / "disk", torch.save
+
+        def full(obj, f, *a, **k):
+            if Path(f).name.startswith(".checkpoint.pth.") and obj["epoch"] == 2:
+                Path(f).write_bytes(b"PK partial")
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+            return real_save(obj, f, *a, **k)
+        monkeypatch.setattr(torch, "save", full)
+        monkeypatch.setattr(dp.shutil, "disk_usage", lambda p: SimpleNamespace(free=0))
+    out = disk / "run"
+    with pytest.raises(dp.DiskFull, match=rf"disk full while writing {re.escape(str(out / 'checkpoint.pth'))}; the "
+                                          r"previous one is kept"):
+        adam.main(d.tiny + ["--levels", "0", "--epochs", "2", "--steps-per-epoch", "1", "--out", str(out)])
+    assert runs.load_checkpoint(out / "checkpoint.pth")["epoch"] == 1
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+# ---- one image reader ------------------------------------------------------------------------------------------
+
+def test_one_reader_for_adam_data_prep_and_eve(tmp_path):
+    """A 16-bit PNG reads the same in adam.py's folder source and in a data_prep cache (min-max scaled, not clipped
+    to white), a JPEG with an EXIF rotation is turned upright in both, and eve.py reads through the same function."""
+    src = tmp_path / "src"
+    src.mkdir()
+    a16 = np.random.default_rng(0).integers(1000, 40000, (32, 32)).astype(np.uint16)
+    Image.fromarray(a16).save(src / "a16.png")
+    rot = np.zeros((32, 16, 3), np.uint8)
+    rot[:4] = 255                                       # a white band at the top of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6                                    # Orientation: rotate 90 degrees clockwise to view
+    Image.fromarray(rot).save(src / "b_rot.jpg", exif=exif, quality=95)
+    folder = dp.FolderImages(src)
+    x16, xrot = folder[0][0], folder[1][0]
+    a = a16.astype(np.int64)
+    want = np.rint((a - a.min()) * 255 / (a.max() - a.min())).astype(np.uint8)
+    np.testing.assert_array_equal(x16, want)
+    assert xrot.shape == (16, 32) and xrot[:, -4:].mean() > 200 and xrot[:, :4].mean() < 50   # band now on the right
+    dp.main(["folder", "--src", str(src), "--out", str(tmp_path / "c"), "--size", "32", "--workers", "1"])
+    cache = dp.open_cache(tmp_path / "c")
+    names = [r["name"] for r in cache.index]
+    np.testing.assert_array_equal(cache.images[names.index("a16.png")], x16)
+    up = np.asarray(dp.read_image(src / "b_rot.jpg", 1, 32, "pad")[0])
+    np.testing.assert_array_equal(cache.images[names.index("b_rot.jpg")], up)
+    np.testing.assert_array_equal(eve.read_dicom_grey(src / "a16.png", 32)[0], want / np.float32(255))
+
+
+# ---- the pruner's count at level 0 ------------------------------------------------------------------------------
+
+def test_level_0_runs_without_the_pruner_and_counts_nothing_pruned(tiny_adam_run):
+    """adam.py passes threshold None at level 0 (the authors prune only at levels > 0), and the fused op counts only
+    real pruning (tests/test_fused_op.py: a NaN bank row is not 'pruned'), so the log says 0 there."""
+    log = _strict_json_lines(tiny_adam_run / "log.jsonl")
+    assert [(r["level"], r["pruned"]) for r in log if r["level"] == 0] == [(0, 0.0)]
+
+
+# ---- caches, swaps, lists ------------------------------------------------------------------------------------
+
+def test_a_force_rebuild_killed_between_its_renames_loses_nothing(tmp_path):
+    out = tmp_path / "phantom"
+    dp.main(["phantom", "--out", str(out), "--num-images", "6", "--size", "16", "--workers", "1"])
+    first = np.array(dp.open_cache(out).images)
+    code = (f"import os, signal, sys; sys.path.insert(0, {str(ROOT)!r}); import data_prep as dp\n"
+            f"real, calls = os.rename, []\n"
+            f"def rename(a, b):\n"
+            f"    calls.append(a)\n"
+            f"    if len(calls) == 2: os.kill(os.getpid(), signal.SIGKILL)   # between the swap's two renames\n"
+            f"    real(a, b)\n"
+            f"os.rename = rename\n"
+            f"dp.main(['phantom', '--out', {str(out)!r}, '--num-images', '6', '--size', '16', '--workers', '1', "
+            f"'--seed', '3', '--force'])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert not out.exists()                             # the old cache sits in .phantom.old-<pid>
+    np.testing.assert_array_equal(dp.open_images(str(out)).images, first)   # put back when next opened
+    assert not [p.name for p in tmp_path.iterdir() if dp.TMP_FOLDER.fullmatch(p.name)]
+
+
+def test_duplicate_rows_and_list_entries_are_reported_and_warned(tmp_path, capsys):
+    from test_data_prep import _make_cxr14
+    src = tmp_path / "src"
+    fake = _make_cxr14(src, "flat")
+    entry = src / "Data_Entry_2017.csv"
+    lines = entry.read_text().splitlines()
+    entry.write_text("\n".join(lines + [lines[3]]) + "\n")                  # an identical repeated row
+    tv = src / "train_val_list.txt"
+    first = tv.read_text().split()[0]
+    tv.write_text(tv.read_text() + first + "\n")                             # a name listed twice
+    out = tmp_path / "cxr"
+    dp.main(["chestxray14", "--src", str(src), "--out", str(out), "--size", "16", "--skip-bad", "--workers", "1"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["duplicate_rows"] == [f"Data_Entry_2017.csv line {len(lines) + 1}: {lines[3].split(',')[0]}"]
+    assert report["duplicate_list_entries"] == [f"train_val_list.txt: {first}"]
+    err = capsys.readouterr().err
+    assert "WARNING: 1 duplicate rows" in err and "WARNING: 1 duplicate list entries" in err
+    assert len(dp.open_cache(out)) == report["converted"] <= len(fake["recs"])
+    row = lines[3].split(",")
+    row[1] = "Hernia" if row[1] != "Hernia" else "Mass"                  # a repeat that contradicts its first row
+    entry.write_text("\n".join(lines + [",".join(row)]) + "\n")
+    with pytest.raises(SystemExit):
+        dp.main(["chestxray14", "--src", str(src), "--out", str(tmp_path / "cxr2"), "--size", "16", "--workers", "1"])
+    assert re.search(rf"line {len(lines) + 1}: {re.escape(row[0])} repeats line 4 with other labels",
+                     capsys.readouterr().err)
+
+
+def test_data_prep_syncs_every_file_before_the_cache_appears(tmp_path, monkeypatch):
+    events, real_fsync, real_rename = [], dp.fsync, os.rename
+    monkeypatch.setattr(dp, "fsync", lambda p: (events.append(("fsync", Path(p).name)), real_fsync(p))[1])
+    monkeypatch.setattr(os, "rename", lambda a, b: (events.append(("rename", Path(b).name)), real_rename(a, b))[1])
+    out = tmp_path / "phantom"
+    dp.main(["phantom", "--out", str(out), "--num-images", "4", "--size", "16", "--workers", "1"])
+    synced = {name for kind, name in events[:events.index(("rename", "phantom"))] if kind == "fsync"}
+    assert {p.name for p in out.rglob("*")} - {"meta.json"} <= synced and "meta.json.tmp" in synced

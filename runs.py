@@ -6,6 +6,7 @@ and bench.py use too.
     OUT/log.jsonl                  one line per epoch (stage, level, epoch, step, loss, lr, pruned, val_loss, ...)
     OUT/checkpoint.pth             student, teacher, bank, optimiser, RNG: what --resume continues from
     OUT/adam_<arch>_level<n>.pth   the backbone at the end of each stage, torchvision keys
+    OUT/curves.png                 loss, lr, pruning, similarities, alignment/uniformity (monitor.py), per stage end
     OUT/tb/                        TensorBoard scalars (--tensorboard)
 """
 import json
@@ -17,6 +18,8 @@ import time
 from pathlib import Path
 
 import torch
+
+import monitor  # curves.png, and the monitor's fields among the TensorBoard scalars
 
 
 def write_atomic(path, write):
@@ -103,8 +106,10 @@ class RunFolder:
                         stage=record["stage"], epoch=record["epoch"], step=record["step"],
                         student=student.state_dict(), teacher=teacher.state_dict(), bank=bank.queue.cpu(),
                         bank_ptr=bank.ptr, optimizer=optimizer.state_dict(), rng={"torch": torch.get_rng_state()})
+        if record["epoch"] == args.epochs:                         # end of a stage, and of the run after the last
+            monitor.write_curves(out / "log.jsonl", out / "curves.png", args.threshold)
         if self.tb:
-            for key in ("loss", "lr", "pruned", "images_per_s", "val_loss"):
+            for key in ("loss", "lr", "pruned", "images_per_s", "val_loss") + monitor.FIELDS:
                 if record.get(key) is not None:
                     self.tb.add_scalar(f"epoch/{key}", record[key], record["step"])
             self.tb.flush()

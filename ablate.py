@@ -133,7 +133,7 @@ def pretrain(key, flags, seed, cfg, root, out, max_spe):
         shutil.rmtree(folder)                                    # stopped before its first checkpoint: start again
     t0 = time.time()
     summary = adam.main(argv)
-    log = monitor.read_log(folder / "log.jsonl")
+    log = monitor.epoch_records(folder)
     return dict(kind="pretrain", variant=key, seed=seed, out=str(folder), argv=argv, stages=len(levels),
                 epochs=epochs, steps_per_epoch=spe, steps=log[-1]["step"], wall_s=round(time.time() - t0, 1),
                 backbones=summary["backbones"], last_epoch=log[-1], last_epoch_per_stage=monitor.stage_ends(log))
@@ -240,14 +240,16 @@ def write_md(path, state, stats, variants):
              f"{wall['finetune'] / 60:.1f} min, Eve {wall['eve'] / 60:.1f} min.", "",
              "## Pretraining (last epoch of each run; the monitor's fields, monitor.py)", "",
              "| variant | seed | stages x epochs x steps | steps | loss | val loss | pruned % | q.b >= t % | "
-             "median max q.b | q.b p99 | q.k | align | unif | wall s |", "|---|" + "---|" * 13]
+             "median max q.b | q.b p99 | q.k | align | unif | encoder evaluated | wall s |", "|---|" + "---|" * 14]
     for r in sorted(pre, key=lambda r: (variants.index(r["variant"]) if r["variant"] in variants else 99, r["seed"])):
         e = r["last_epoch"]
         lines.append(f"| {name(r['variant'])} | {r['seed']} | {r['stages']} x {r['epochs']} x {r['steps_per_epoch']} "
                      f"| {r['steps']} | {fmt(e['loss'], 3)} | {fmt(e.get('val_loss'), 3)} | "
                      f"{fmt(100 * e['pruned'])} | {fmt(100 * e.get('would_prune', math.nan))} | "
                      f"{fmt(e.get('sim_max_median'), 3)} | {fmt(e.get('sim_p99'), 3)} | {fmt(e.get('pos_cos'), 3)} | "
-                     f"{fmt(e.get('align'), 3)} | {fmt(e.get('unif'), 3)} | {fmt(r['wall_s'], 0)} |")
+                     f"{fmt(e.get('align'), 3)} | {fmt(e.get('unif'), 3)} | "
+                     f"{'epoch %d (lowest val loss)' % e['best_epoch'] if e.get('best_epoch') else 'last epoch'} | "
+                     f"{fmt(r['wall_s'], 0)} |")
     head = "| variant | " + " | ".join(c[1] for c in cols) + " |\n|---|" + "---|" * len(cols)
     lines += ["", "## Mean ± std over seeds x draws (n)", "",
               "Few-shot Dice (%) on the phantom test split; Eve per pretraining seed. Higher is better for every "

@@ -11,7 +11,7 @@ Sections, in the order of the paper (Sect. 2, Fig. 2; the method's spec is docs/
   4. encoder + EMA          student f_theta, h_theta; teacher f_xi, h_xi = EMA of the student
   5. memory bank            K x D ring buffer of the teacher's keys (the negatives)
   6. Purposive Pruner + InfoNCE   info_nce(): drop bank entries too similar to the anchor, then contrast
-  7. teacher keys           shuffle BN across processes
+  7. teacher keys           shuffle BN: split BatchNorm in one process, a batch shuffle across processes
   8. training               main(): one stage per level (0 -> 2 -> 4) and the training step; validate()
   9. plumbing               devices, loss path, data, loaders (the run folder, checkpoints, export: runs.py)
 
@@ -88,6 +88,8 @@ def parse_args(argv=None):
     g.add_argument("--arch", default=None, help=f"backbone: {', '.join(ARCHS)} (paper: resnet50)")
     g.add_argument("--img-size", type=int, default=None, help="side of each view (paper: 224)")
     g.add_argument("--dim", type=int, default=128, help="embedding size D of q, k and the bank")
+    g.add_argument("--bn-groups", type=int, default=None, help="shuffle BN: BatchNorm over G groups of each process's "
+                   "batch, regrouped for the teacher (default: 64 images a group as the authors' GPUs; 1 = plain BN)")
     g = p.add_argument_group("method (paper Sect. 2)")
     g.add_argument("--levels", default="0,2,4",
                    help="granularity levels, one stage each, coarse to fine; '0' alone = MoCo-v2 (no AD)")
@@ -244,9 +246,10 @@ class PartSampler(torch.utils.data.Sampler):
 # the loss and the bank see the same precision on every device.
 
 class Encoder(nn.Module):
-    def __init__(self, arch, dim):
+    def __init__(self, arch, dim, bn_groups=1):
         super().__init__()
-        self.backbone = torchvision.models.__dict__[arch](weights=None)
+        norm = lambda c: SplitBatchNorm(c, bn_groups)  # section 7; its state_dict is BatchNorm2d's
+        self.backbone = torchvision.models.__dict__[arch](weights=None, norm_layer=norm)
         width = self.backbone.fc.in_features
         self.backbone.fc = nn.Identity()  # keeps torchvision key names for export
         self.head = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, dim))
@@ -305,16 +308,47 @@ def info_nce(q, k, queue, temperature, threshold, fused=False, return_pruned=Fal
 
 
 # -----------------------------------------------------------------------------
-# 7. Teacher keys (docs/METHOD.md §5, multi-GPU).
+# 7. Teacher keys and shuffle BN (docs/METHOD.md §5). A query and its key normalised over the same images can match
+# through the BatchNorm statistics ("cheat", MoCo). The authors' 4 GPUs each normalise 64 images and the teacher sees
+# a batch shuffled across GPUs; one process splits its batch into G groups and regroups it for the teacher.
+
+class SplitBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d that trains on `groups` interleaved sub-batches (group g = images g, g+G, ...), each with its own
+    statistics, moving the running statistics to the groups' mean. groups = 1 and eval mode are plain BatchNorm2d."""
+
+    def __init__(self, num_features, groups=1):
+        super().__init__(num_features)
+        self.groups = groups
+
+    def forward(self, x):
+        (B, C, H, W), G = x.shape, self.groups
+        if G == 1 or not self.training:
+            return super().forward(x)
+        if B % G or B < 2 * G:
+            raise ValueError(f"--bn-groups {G} must split the per-process batch {B} into groups of >= 2 images")
+        self.num_batches_tracked += 1  # below: n x GC x H x W, group g in channels gC .. gC + C - 1
+        mean, var = self.running_mean.repeat(G), self.running_var.repeat(G)
+        y = F.batch_norm(x.reshape(B // G, G * C, H, W), mean, var, self.weight.repeat(G), self.bias.repeat(G),
+                         True, self.momentum, self.eps)
+        self.running_mean.copy_(mean.view(G, C).mean(0)), self.running_var.copy_(var.view(G, C).mean(0))
+        return y.view(B, C, H, W)
+
+
+def shuffle_groups(B, G):
+    """The teacher's order of a batch of B: image i (student group i % G, slot i // G) goes to teacher group
+    (i + i // G) % G, so each teacher group takes B/G^2 images from every student group (G^2 | B), or one from each
+    of B/G groups (B/G <= G), and no key shares its statistics with its query. Position p*G + h: h's p-th image."""
+    i = torch.arange(B)
+    return ((i % G + i // G) % G).argsort(stable=True).view(G, B // G).t().flatten()
+
 
 @torch.no_grad()
-def teacher_keys(teacher, x_k):
-    """k = h_xi(f_xi(x_k)). With several processes, "shuffle BN" (MoCo): the batch is permuted across
-    ranks before the teacher, so its BatchNorm statistics never come from the same images as the
-    student's and cannot leak the positive. One process: no shuffle (a known small leak, as in most
-    single-GPU MoCo ports)."""
+def teacher_keys(teacher, x_k, groups=1):
+    """k = h_xi(f_xi(x_k)). One process: the batch in shuffle_groups' order (G = 1: as it is, plain BN). Several:
+    MoCo's shuffle BN, the batch permuted across ranks before the teacher (and split into G groups on each)."""
     if not dist.is_initialized():
-        return teacher(x_k)
+        perm = shuffle_groups(x_k.shape[0], groups).to(x_k.device) if groups > 1 else None
+        return teacher(x_k) if perm is None else teacher(x_k[perm])[perm.argsort()]
     rank, b = dist.get_rank(), x_k.shape[0]
     x_all = all_gather(x_k)                                   # (world*B) x 3 x S x S
     perm = torch.randperm(x_all.shape[0], device=x_k.device)
@@ -335,8 +369,9 @@ def main(argv=None):
     batch, out = args.batch_size // world, Path(args.out)          # batch: per process
     torch.manual_seed(args.seed)
 
-    # models, bank, loss path
-    student = Encoder(args.arch, args.dim).to(device)
+    # models, bank, loss path; BatchNorm in groups of 64 images per process by default (section 7)
+    groups = args.bn_groups or max(1, batch // 64)
+    student = Encoder(args.arch, args.dim, groups).to(device)
     teacher = copy.deepcopy(student).requires_grad_(False)         # xi initialised as a copy of theta
     cuda = device.type == "cuda"
     layout = torch.channels_last if cuda else torch.preserve_format  # bf16 autocast + channels_last on GPUs
@@ -347,14 +382,14 @@ def main(argv=None):
     fused = choose_loss(args.loss, device, say)
     lr = args.lr * args.batch_size / 256                           # linear scaling rule
     start_stage, start_epoch, step, ckpt = runs.resume(args, student, teacher, bank, say)
-    run = runs.RunFolder(args, fused, active=rank == 0)            # OUT: args.json, log, checkpoints, exports
+    run = runs.RunFolder(args, fused, rank == 0, ckpt)              # OUT: args.json, log, checkpoints, exports
     steps_per_epoch = min(len(train_images) // args.batch_size, args.steps_per_epoch or math.inf)
     total_steps = len(args.level_list) * args.epochs * steps_per_epoch
     mon = monitor.Monitor(args.threshold, steps_per_epoch)        # similarities on a few anchors, a few steps
     say(f"data: {train_images.name}, {len(train_images)} train images; {args.arch} at {args.img_size} px; "
         f"levels {args.level_list}, {args.epochs} epochs x {steps_per_epoch} steps; batch {args.batch_size} "
-        f"on {world} x {device.type}; K={args.queue_size} tau={args.temperature} t={args.threshold} "
-        f"m={args.momentum_ema}")
+        f"on {world} x {device.type}, BN groups {groups}; K={args.queue_size} tau={args.temperature} "
+        f"t={args.threshold} m={args.momentum_ema}")
     summary = {"out": str(out), "stages": [], "backbones": []}
     t_run, steps_run = time.time(), 0
 
@@ -382,7 +417,7 @@ def main(argv=None):
                 x_q, x_k = to_views(item, views, device, layout)          # B x 3 x S x S each
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                     q = model(x_q)                                         # B x D
-                    k = teacher_keys(teacher, x_k)                         # B x D, no grad
+                    k = teacher_keys(teacher, x_k, groups)                 # B x D, no grad
                 loss, pruned = info_nce(q, k, bank.queue, args.temperature, t, fused=fused, return_pruned=True)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

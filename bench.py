@@ -290,14 +290,16 @@ def pipeline(argv):
     loader, _ = adam.make_loader(images, level, args, batch * (n + 2), 1, 0, args.seed, batch)
     it = iter(loader)
     adam.to_views(next(it), views, device), adam.to_views(next(it), views, device)  # warm-up
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(n):
         adam.to_views(next(it), views, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    rate = n * batch / (time.perf_counter() - t0)
+    rate, cpu = n * batch / (time.perf_counter() - t0), (time.process_time() - c0) / (n * batch)
+    # with 0 workers this process does all the work: its CPU time per image holds on a busy machine too
     print(f"input pipeline: {rate:.0f} images/s ({images.name}, level {level}, {args.img_size} px, batch {batch}, "
-          f"{args.workers} workers, views {'BatchViews on ' + device.type if views else 'in workers'})")
+          f"{args.workers} workers, views {'BatchViews on ' + device.type if views else 'in workers'})"
+          + (f"; {1000 * cpu:.1f} ms CPU per image in this process" if args.workers == 0 else ""))
     return rate
 
 

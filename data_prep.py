@@ -32,6 +32,7 @@ Import cost: numpy + pillow only; pydicom is imported when a DICOM file is met, 
 """
 import argparse
 import csv
+import hashlib
 import io
 import json
 import math
@@ -63,7 +64,8 @@ LANDMARKS = ["trachea_top", "carina", "left_apex", "right_apex", "left_costophre
 CXR14_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis",
                 "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax"]
 CXR14_TRAIN, CXR14_VAL = 75312, 11212          # the authors' split of train_val_list.txt (docs/METHOD.md §5)
-DEFAULT_SIZE = {"phantom": 256, "chestxray14": 512, "eyepacs": 512, "jsrt": 512, "folder": 512, "csv": 512}
+# chestxray14: 1024, the originals' side, from which the authors cut their parts (README "Resolution")
+DEFAULT_SIZE = {"phantom": 256, "chestxray14": 1024, "eyepacs": 512, "jsrt": 512, "folder": 512, "csv": 512}
 # Test hook: SIGKILL ourselves after this many images have been written (simulates a killed run).
 KILL_AFTER_ENV = "ADAM_DATA_PREP_KILL_AFTER"
 
@@ -322,7 +324,8 @@ def _maybe_die(done):
 # transform (rotation, scale, shift) maps canonical points to pixels; polygons are rasterised with PIL and
 # combined in numpy as attenuation (bright = dense: bone, heart, soft tissue; dark = air: lungs, trachea).
 # Masks are the same polygons, landmarks the same points, so the ground truth is exact by construction.
-# What makes it hard on purpose (version 2): pose and size vary more than a positioned PA film; the heart is a
+# What makes it hard on purpose (version 2): pose and size vary more than a positioned PA film (where the heart
+# usually is, a predictor that ignores the image, scores Dice 67 on it instead of 82 in version 1); the heart is a
 # lobulated ellipse of varying size whose lateral border is partly lost against the aerated lung behind it;
 # breast shadows, scapulae and ECG leads overlap the lungs, the heart and the clavicles; the clavicles vary in
 # course, width and contrast (some barely brighter than the ribs); low-frequency texture, a heel-effect ramp
@@ -351,8 +354,8 @@ def phantom_sample(i, size=256, seed=0):
     labels = [name for name, p in zip(PHANTOM_LABELS, (0.2, 0.15, 0.15)) if rng.random() < p]
 
     # canonical -> pixel similarity transform: per-image pose (rotation, size, position)
-    rot, scale = math.radians(U(-10, 10)), U(0.76, 1.02)
-    shift = np.array([U(-0.10, 0.10), U(-0.08, 0.10)])
+    rot, scale = math.radians(U(-12, 12)), U(0.65, 1.05)
+    shift = np.array([U(-0.16, 0.16), U(-0.12, 0.16)])
     R = scale * np.array([[math.cos(rot), -math.sin(rot)], [math.sin(rot), math.cos(rot)]])
     px = lambda p: ((np.asarray(p, float).reshape(-1, 2) @ R.T + shift) + 1) * size / 2 - 0.5
     unit = size / 2 * scale                                  # pixels per canonical unit (for widths)
@@ -949,9 +952,39 @@ def _read_list(path):
     return [l.strip() for l in Path(path).read_text().splitlines() if l.strip()]
 
 
-def chestxray14_items(src, val_seed=0):
+def split_lists(train_list, val_list, csv_rows, train_val, test):
+    """--train-list / --val-list -> {name: "train" or "val"}: one image a line, its name first (further columns, such
+    as the labels of the authors' Xray14_train_official.txt, are ignored). Checked, the first fault an error naming
+    the file, line and image: every name is an image of the label CSV and of train_val_list.txt (not test_list.txt),
+    listed once, in one list only, and no patient has images in both lists."""
+    split_of, first_of_patient = {}, {}
+    for flag, path, split in (("--train-list", train_list, "train"), ("--val-list", val_list, "val")):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{flag} {path}: no such file")
+        for line_no, line in enumerate(Path(path).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            name = line.split()[0]
+            where = f"{flag} {path} line {line_no}: {name}"
+            if name not in csv_rows or name in test or name not in train_val:
+                why = ("is not an image of the label CSV" if name not in csv_rows else
+                       "is in test_list.txt, the test split" if name in test else "is not in train_val_list.txt")
+                raise ValueError(f"{where} {why}")
+            if name in split_of:
+                raise ValueError(f"{where} is listed twice" if split_of[name] == split else
+                                 f"{where} is also in --train-list {train_list}")
+            patient = csv_rows[name]["patient"]
+            other, other_split = first_of_patient.setdefault(patient, (name, split))
+            if other_split != split:
+                raise ValueError(f"{where}: its patient {patient} also has {other} in --train-list {train_list}")
+            split_of[name] = split
+    return split_of
+
+
+def chestxray14_items(src, val_seed=0, train_list=None, val_list=None):
     """ChestX-ray14 (docs/METHOD.md §9): images/ or images_0NN/images/ folders and/or the .tar.gz archives,
-    Data_Entry_2017(_v2020).csv, train_val_list.txt, test_list.txt."""
+    Data_Entry_2017(_v2020).csv, train_val_list.txt, test_list.txt. train_list + val_list: the train/val split from
+    these lists (split_lists) instead of our patient-level split of train_val_list.txt."""
     src = Path(src)
     found = _walk(src, (".png", ".csv", ".txt", ".tar.gz", ".tgz", ".tar"))
     entry = _find(found, ["Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv"], src, "ChestX-ray14 label CSV")
@@ -983,13 +1016,18 @@ def chestxray14_items(src, val_seed=0):
     listed = list(dict.fromkeys([(n, "trainval") for n in train_val] + [(n, "test") for n in test]))
     not_in_csv = [n for n, _ in listed if n not in csv_rows]
     listed = [(n, s) for n, s in listed if n in csv_rows]
-    # patient-level train/val split of train_val in the authors' proportions (75,312 / 11,212)
+    # the lists' train/val split, or our patient-level split of train_val in the authors' proportions (75,312 / 11,212)
     tv_counts = Counter(csv_rows[n]["patient"] for n, s in listed if s == "trainval")
     val_patients = patient_split(tv_counts, CXR14_VAL / (CXR14_TRAIN + CXR14_VAL), val_seed)
+    split_of = split_lists(train_list, val_list, csv_rows, set(train_val), set(test)) if train_list else None
     items, missing = [], []
     for n, s in sorted(listed):
         r = csv_rows[n]
         split = "test" if s == "test" else ("val" if r["patient"] in val_patients else "train")
+        if split_of is not None and s != "test":
+            split = split_of.get(n)
+            if split is None:                                   # in train_val_list.txt, in neither list: left out
+                continue
         it = dict(name=n, patient=r["patient"], split=split, labels=r["labels"], extra=dict(view=r["view"]))
         if n in pngs:
             items.append(dict(it, kind="file", src=str(pngs[n])))
@@ -1004,6 +1042,15 @@ def chestxray14_items(src, val_seed=0):
                   missing_files=missing, listed_but_not_in_csv=not_in_csv,
                   not_in_csv_or_lists=sorted(n for n in pngs if n not in csv_rows or n not in listed_names),
                   duplicate_files=dup)
+    if split_of is None:
+        report["split_rule"] = f"train/val: patient-level split of train_val_list.txt (--val-seed {val_seed})"
+    else:
+        report["split_rule"] = "train/val: --train-list / --val-list"
+        report["split_lists"] = {
+            flag: dict(file=str(Path(path).resolve()), images=sum(1 for v in split_of.values() if v == split),
+                       sha256=hashlib.sha256(Path(path).read_bytes()).hexdigest())
+            for flag, path, split in (("train_list", train_list, "train"), ("val_list", val_list, "val"))}
+        report["train_val_in_neither_list"] = sorted(n for n in set(train_val) if n in csv_rows and n not in split_of)
     return items, archives, report
 
 
@@ -1397,7 +1444,7 @@ def _scan(args):
     """Dataset-specific scan of --src: (items, archives, report, convert() keywords)."""
     archives = ()
     if args.dataset == "chestxray14":
-        items, archives, report = chestxray14_items(args.src, args.val_seed)
+        items, archives, report = chestxray14_items(args.src, args.val_seed, args.train_list, args.val_list)
         kw = dict(channels=1, label_names=CXR14_LABELS, extra_cols=["view"])
     elif args.dataset == "eyepacs":
         items, report = eyepacs_items(args.src, seed=args.val_seed)
@@ -1468,10 +1515,11 @@ def main(argv=None):
         g.add_argument("--out", type=Path, default=None, help=f"cache folder to create (default data/{name})")
         g.add_argument("--force", action="store_true", help="rebuild even if --out already holds a cache")
         size_help = {
-            "chestxray14": "side of the cached square images. 512 (default): a level-4 part (1/4 of the side, "
-                           "docs/METHOD.md §2) keeps 128 px, so the random resized crop (scale 0.2-1) to 224 "
-                           "upsamples at most ~4x instead of ~8x at 256; 112,120 images take 29 GB. "
-                           "Use 1024 (117 GB) for no loss at all, 384 (16.5 GB) if disk is short.",
+            "chestxray14": "side of the cached square images. 1024 (default): the originals' pixels, unresampled, "
+                           "so a level-4 part is 256 px as in the authors' code; 112,120 images take 117.6 GB "
+                           "(109.5 GiB). 512 (29.4 GB) if disk is short: level-4 parts are then 128 px, upsampled "
+                           "1.75-3.9x into a 224 px view. The input pipeline costs the same CPU per image at every "
+                           "size (README 'Resolution').",
             "phantom": "side of the phantom images (256 default; 64 for tests)",
         }.get(name, "side of the cached square images (default 512)")
         g.add_argument("--size", type=int, default=DEFAULT_SIZE[name], help=size_help)
@@ -1542,6 +1590,12 @@ def main(argv=None):
                            help="hold out this fraction of images (by patient) as split=val; default all train")
         if name in ("chestxray14", "eyepacs"):
             g.add_argument("--val-seed", type=int, default=0, help="seed of the patient-level train/val split")
+        if name == "chestxray14":
+            g.add_argument("--train-list", type=Path, default=None, help="with --val-list: the train/val split from "
+                           "lists of image names, one a line (further columns ignored), e.g. the authors' "
+                           "Xray14_train_official.txt (docs/METHOD.md §5), instead of our seeded patient split")
+            g.add_argument("--val-list", type=Path, default=None, help="the validation images, e.g. the authors' "
+                           "Xray14_val_official.txt; checked against --train-list (no image or patient in both)")
         if name != "phantom":
             g.add_argument("--limit", type=int, default=None,
                            help="convert only the first N images (sorted by name; splits as for the full set): "
@@ -1559,6 +1613,8 @@ def main(argv=None):
     out = args.out or Path("data") / args.dataset
     if args.size < 8:
         ap.error(f"--size {args.size} is too small (>= 8)")
+    if args.dataset == "chestxray14" and (args.train_list is None) != (args.val_list is None):
+        ap.error("--train-list and --val-list go together: give both, or neither for our patient-level split")
     t0 = time.time()
     if args.dataset == "phantom":
         try:
@@ -1591,7 +1647,7 @@ def main(argv=None):
         print(f"error: {e}\nnothing was written to {out}", file=sys.stderr)
         sys.exit(1)
     print_report(report)
-    for key in ("missing_files", "listed_but_not_in_csv", "bad"):
+    for key in ("missing_files", "listed_but_not_in_csv", "bad", "train_val_in_neither_list"):
         if report.get(key):
             print(f"WARNING: {len(report[key])} image(s) {key.replace('_', ' ')}: left out of the cache "
                   f"(names in report.json)", file=sys.stderr)

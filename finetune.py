@@ -6,7 +6,8 @@ and few-shot segmentation, with the authors' protocol (docs/METHOD.md §7) and h
     python finetune.py --task chestxray14 --data-root data/chestxray14 --init moco:moco_v2.pth.tar --runs 3
 
 Starting points (--init, repeatable; "NAME=SPEC" gives a row its own name in the table):
-    adam:PATH         adam.py's <out>/checkpoint.pth, an exported adam_<arch>_level<n>.pth, or a run folder
+    adam:PATH         adam.py's run folder (its last level's lowest-validation-loss export; RUN@last: the last
+                      epoch's), its checkpoint.pth or an exported adam_<arch>_level<n>[_best].pth
     moco:PATH         MoCo-style checkpoint: {"state_dict": {"module.encoder_q.conv1.weight": ...}}
     torchvision:PATH  a torchvision ResNet state dict (its fc.* head is dropped)
     imagenet[:NAME]   torchvision's ImageNet weights for --arch through its weights API (NAME e.g. IMAGENET1K_V1;
@@ -39,7 +40,7 @@ from torchvision.transforms import v2
 
 import data_prep
 from adam import ARCHS, imagenet_normalise
-from runs import load_checkpoint, write_atomic
+from runs import backbone_file, load_checkpoint, write_atomic
 
 # -----------------------------------------------------------------------------
 # Loading pretrained backbones (shared with eve.py: keep the signature)
@@ -56,22 +57,16 @@ INIT_HINTS = {
 
 
 def _resolve_adam_path(path, arch):
-    """A run folder means its last-level exported backbone (or checkpoint.pth if nothing was exported)."""
-    path = Path(path)
+    """adam:RUN (a run folder) = the last level's backbone with the lowest validation loss, adam:RUN@last = its last
+    epoch (runs.backbone_file, the run folder's own naming); a file is itself. Says which file it took."""
+    path, which = Path(path), "best"
+    if not path.exists() and path.name.rpartition("@")[2] in ("best", "last"):
+        path, which = path.with_name(path.name.rpartition("@")[0]), path.name.rpartition("@")[2]
     if not path.is_dir():
         return path
-    levels = []
-    for p in path.glob(f"adam_{arch}_level*.pth"):
-        m = re.fullmatch(rf"adam_{arch}_level(\d+)\.pth", p.name)
-        if m:
-            levels.append((int(m.group(1)), p))
-    if levels:
-        return max(levels)[1]
-    if (path / "checkpoint.pth").is_file():
-        return path / "checkpoint.pth"
-    others = sorted(p.name for p in path.glob("adam_*_level*.pth"))
-    hint = f" (found {others}: pass the matching --arch)" if others else ""
-    raise FileNotFoundError(f"no adam_{arch}_level<n>.pth or checkpoint.pth in run folder {path}{hint}")
+    file, what = backbone_file(path, arch, which)
+    print(f"--init adam:{path}{'@last' if which == 'last' else ''}: {file} ({what})", flush=True)
+    return file
 
 
 def _backbone_state(obj, path, arch):
@@ -240,9 +235,11 @@ def resolve_task(name):
 # The cpu preset also narrows the U-Net decoder 2x (smp's default is 256,128,64,32,16): the decoder starts
 # random for every init, and at 64 px its full width is a large share of a CPU step.
 PRESETS = {
-    "gpu": dict(arch="resnet50", img_size=224, epochs=200, batch_size=32, decoder_channels="256,128,64,32,16"),
-    "cpu": dict(arch="resnet18", img_size=64, epochs=30, batch_size=8, decoder_channels="128,64,32,16,8"),
+    "gpu": dict(arch="resnet50", img_size=224, epochs=200, batch_size=32, decoder_channels="256,128,64,32,16",
+                min_iters=0),
+    "cpu": dict(arch="resnet18", img_size=64, epochs=30, batch_size=8, decoder_channels="128,64,32,16,8", min_iters=10),
 }
+PATIENCE = {"cls": 10, "seg": 20}  # the authors' benchmark code: --patience 10 (classification), 20 (segmentation)
 LR = {"cls": 2e-4, "seg": 1e-3}  # docs/METHOD.md §7: Adam lr 2e-4 (classification), 1e-3 (segmentation)
 
 
@@ -281,9 +278,9 @@ class CacheDataset(torch.utils.data.Dataset):
         structures = list(cache.meta.get("structures", []))
         self.channels = [structures.index(s) for s in self.spec.get("structures", ())]
         S, R = img_size, int(round(img_size * 256 / 224))  # classification test: resize 256, crop 224
-        if self.spec["kind"] == "seg":  # our choice (the paper gives none); no flip: left != right (docs/METHOD.md §3)
-            self.tf = (v2.Compose([v2.RandomResizedCrop(S, scale=(0.7, 1.0), ratio=(0.9, 1.1)),
-                                   v2.RandomRotation(10)]) if mode == "train" else v2.Resize((S, S)))
+        if self.spec["kind"] == "seg":  # the authors' benchmark code: SegAugment in training, no augmentation else
+            self.tf = v2.Resize((S, S))
+            self.augment = SegAugment(S) if mode == "train" else None
         elif mode == "train":  # docs/METHOD.md §7: random resized crop, horizontal flip, rotation +-7
             self.tf = v2.Compose([v2.RandomResizedCrop(S), v2.RandomHorizontalFlip(), v2.RandomRotation(7)])
         elif mode == "val":  # one centre crop keeps validation cheap; the ten crops are for the test
@@ -314,10 +311,40 @@ class CacheDataset(torch.utils.data.Dataset):
         if self.spec["kind"] == "seg":
             m = torch.from_numpy(np.array(self.cache.masks[i, self.channels])).amax(0, keepdim=True)  # 1 x H x W
             x, m = self.tf(x, tv_tensors.Mask(m))
+            if self.augment:
+                x, m = self.augment(x, m)
             return imagenet_normalise(x), m.float()
         x = self.tf(x)
         x = imagenet_normalise(torch.stack(x) if self.mode == "test" else x)  # test: 10 x 3 x S x S
         return x, self.target(i)
+
+
+class SegAugment:
+    """The segmentation training augmentation of the authors' transfer-learning benchmark (BenchmarkTransferLearning,
+    build_transform_segmentation; README "Segmentation protocol") at side S, their sizes in pixels scaled by S/224:
+    with p 0.3 one of brightness/contrast (x a + b, a in 1 +- 0.2, b in +-0.2) or gamma (x^g, g in [0.8, 1.2]);
+    with p 0.1 an elastic deformation (their alpha 120 px and sigma 6 px; torchvision's alpha is in half-image
+    units, so 240 at 224 px); with p 0.25 a square crop of side 156-224 px resized back to S. No flip, no rotation.
+    Left out: their grid and optical distortions (p 0.1 each, not in torchvision) and the elastic's small affine."""
+
+    p_intensity, p_elastic, p_crop = 0.3, 0.1, 0.25
+
+    def __init__(self, S):
+        s = S / 224                       # displacement ~ alpha / sigma (blurred noise): alpha s^2 with sigma s
+        self.S, self.min_side, self.elastic = S, round(156 * s), v2.ElasticTransform(alpha=240 * s * s, sigma=6 * s)
+
+    def __call__(self, x, m):  # x: C x S x S image in [0, 1], m: 1 x S x S mask (tv_tensors)
+        u = lambda lo, hi: lo + (hi - lo) * float(torch.rand(()))
+        if float(torch.rand(())) < self.p_intensity:  # one of the two, as their OneOf
+            y = x * u(0.8, 1.2) + u(-0.2, 0.2) if float(torch.rand(())) < 0.5 else x.pow(u(0.8, 1.2))
+            x = tv_tensors.Image(y.clamp(0, 1))
+        if float(torch.rand(())) < self.p_elastic:
+            x, m = self.elastic(x, m)
+        if float(torch.rand(())) < self.p_crop:
+            c = int(torch.randint(self.min_side, self.S + 1, ()))
+            top, left = int(torch.randint(self.S - c + 1, ())), int(torch.randint(self.S - c + 1, ()))
+            x, m = (v2.functional.resized_crop(t, top, left, c, c, [self.S, self.S]) for t in (x, m))
+        return x, m
 
 
 # -----------------------------------------------------------------------------
@@ -354,16 +381,17 @@ def encoder_of(model):
 
 
 def dice_loss(logits, target, eps=1.0):
-    """Soft Dice, per image then averaged. logits, target: B x 1 x H x W. eps keeps empty masks finite."""
-    p = torch.sigmoid(logits).flatten(1)
-    t = target.flatten(1)
-    return (1 - (2 * (p * t).sum(1) + eps) / (p.sum(1) + t.sum(1) + eps)).mean()
+    """Soft Dice over the whole batch's pixels, as the authors' benchmark (one ratio per batch, not per image).
+    logits, target: B x 1 x H x W. eps = their smoothing 1, which keeps empty masks finite."""
+    p, t = torch.sigmoid(logits).flatten(), target.flatten()
+    return 1 - (2 * (p * t).sum() + eps) / (p.sum() + t.sum() + eps)
 
 
-def dice_score(pred, target):
-    """Hard Dice per image (N,); pred, target: N x ... bool. Both empty counts as 1."""
-    pred, target = pred.flatten(1).float(), target.flatten(1).float()
-    inter, total = (pred * target).sum(1), pred.sum(1) + target.sum(1)
+def dice_score(pred, target, pooled=False):
+    """Hard Dice per image (N,), or pooled over all pixels of all images (the authors' reported "Dice");
+    pred, target: N x ... bool. Both empty counts as 1."""
+    pred, target = pred.flatten(0 if pooled else 1).float(), target.flatten(0 if pooled else 1).float()
+    inter, total = (pred * target).sum(-1), pred.sum(-1) + target.sum(-1)
     return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
 
 
@@ -425,9 +453,11 @@ def _val_loss(model, loader, loss_fn, device):
 def _test(model, loader, task, device, label_names):
     model.eval()
     spec = TASKS[task]
-    if spec["kind"] == "seg":
-        scores = [dice_score(model(x.to(device)) > 0, y.to(device) > 0.5).cpu() for x, y in loader]
-        return dict(metric="dice", value=100 * float(torch.cat(scores).mean()))
+    if spec["kind"] == "seg":  # Dice pooled over the test set's pixels, as the authors report; the mean per image too
+        pred, target = zip(*[((model(x.to(device)) > 0).cpu(), y > 0.5) for x, y in loader])
+        pred, target = torch.cat(pred), torch.cat(target)
+        return dict(metric="dice", value=100 * float(dice_score(pred, target, pooled=True)),
+                    dice_mean_per_image=100 * float(dice_score(pred, target).mean()))
     probs, targets = [], []
     for x, y in loader:  # x: B x 10 x 3 x S x S, the ten crops averaged (docs/METHOD.md §7)
         B = x.shape[0]
@@ -458,7 +488,8 @@ def run_one(args, cache, task, label, spec, shots, seed, log_prefix=""):
         for p in encoder_of(model).parameters():
             p.requires_grad_(False)
     ds = lambda rows, mode: CacheDataset(cache, rows, task, args.img_size, mode)
-    # An epoch is at least --min-iters batches so that 3 shots still give the optimiser a few steps.
+    # An epoch is at least --min-iters batches (cpu preset), so that 3 shots give the optimiser a few steps; 0 = one
+    # pass over the draw, as the authors (gpu preset: a 3-shot epoch is one batch of 3).
     train_ds = ds(train_rows, "train")
     n_samples = max(len(train_ds), args.batch_size * args.min_iters)
     g = torch.Generator().manual_seed(seed)
@@ -472,7 +503,7 @@ def run_one(args, cache, task, label, spec, shots, seed, log_prefix=""):
     lr = _config(args)["lr"]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr, foreach=True)  # foreach: one fused update, faster on CPU too
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=5)  # docs/METHOD.md §7
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=5)  # classification, §7
     best, best_state, best_epoch, bad, epoch_times = math.inf, None, 0, 0, []
     for epoch in range(1, args.epochs + 1):
         te = time.time()
@@ -488,7 +519,11 @@ def run_one(args, cache, task, label, spec, shots, seed, log_prefix=""):
             opt.step()
             train_loss, n = train_loss + loss.item() * len(x), n + len(x)
         val = _val_loss(model, val_loader, loss_fn, device)
-        sched.step(val)
+        if TASKS[task]["kind"] == "seg":  # the authors' cosine over --epochs, set after each epoch as their loop does
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / args.epochs))
+        else:
+            sched.step(val)
         if val < best:
             best, best_epoch, bad = val, epoch, 0
             best_state = copy.deepcopy(model.state_dict())  # kept in memory, written once at the end
@@ -499,7 +534,7 @@ def run_one(args, cache, task, label, spec, shots, seed, log_prefix=""):
         print(f"{log_prefix}epoch {epoch}/{args.epochs} train {train_loss / max(n, 1):.4f} val {val:.4f} "
               f"best {best:.4f}@{best_epoch} lr {opt.param_groups[0]['lr']:.1e} {epoch_times[-1]:.1f}s "
               f"eta<={eta:.0f}s", flush=True)
-        if bad >= args.patience:  # docs/METHOD.md §7: early stop after 10 epochs without improvement
+        if bad > args.patience:  # the authors' rule: stop once more than --patience epochs brought no better loss
             break
     if best_state is None:  # validation loss was never finite: test the last epoch, and say so
         print(f"{log_prefix}warning: validation loss never finite; testing the last epoch", flush=True)
@@ -638,20 +673,23 @@ def get_args(argv=None):
     g.add_argument("--seed", type=int, default=0, help="first seed; recorded in every result")
     g = p.add_argument_group("optimisation (defaults: --preset)")
     g.add_argument("--preset", default="auto", choices=("auto", "cpu", "gpu"),
-                   help="gpu = authors' recipe (resnet50, 224 px, batch 32, 200 epochs with early stopping); "
-                        "cpu = resnet18, 64 px, batch 8, 30 epochs; auto = cpu for phantom tasks")
+                   help="gpu = authors' recipe (resnet50, 224 px, batch 32, 200 epochs with early stopping, an epoch = "
+                        "one pass); cpu = resnet18, 64 px, batch 8, 30 epochs of >= 10 batches; auto = cpu for phantom "
+                        "tasks")
     g.add_argument("--img-size", type=int, default=None, help="side in pixels (U-Net needs a multiple of 32)")
     g.add_argument("--epochs", type=int, default=None, help="max epochs; early stopping usually ends sooner")
     g.add_argument("--batch-size", type=int, default=None)
     g.add_argument("--lr", type=float, default=None, help="Adam lr (default 2e-4 classification, 1e-3 segmentation)")
-    g.add_argument("--patience", type=int, default=10, help="early stop after this many epochs without a "
-                   "better validation loss (docs/METHOD.md §7); ReduceLROnPlateau halves lr after 5")
+    g.add_argument("--patience", type=int, default=None, help="stop when more than this many epochs in a row bring no "
+                   "better validation loss (the authors' rule; default 10 classification, where ReduceLROnPlateau "
+                   "halves lr after 5, and 20 segmentation, cosine lr)")
     g.add_argument("--decoder-channels", default=None,
                    help="U-Net decoder widths, 5 comma-separated ints (gpu preset: smp's 256,128,64,32,16)")
     g.add_argument("--val-images", type=int, default=None, help="early-stop on the first N validation images "
                    "only (saves CPU time; default: all)")
-    g.add_argument("--min-iters", type=int, default=10, help="at least this many batches per epoch (few-shot "
-                   "sets are cycled), so a 3-shot epoch is not one step")
+    g.add_argument("--min-iters", type=int, default=None, help="at least this many batches per epoch (few-shot sets "
+                   "are cycled), so a 3-shot epoch is not one step; 0 = one pass over the training images, as the "
+                   "authors (gpu preset: 0, cpu preset: 10)")
     g = p.add_argument_group("system and output")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--workers", type=int, default=None, help="data loader workers (default 4 on GPU, 0 on CPU)")
@@ -676,6 +714,8 @@ def get_args(argv=None):
         p.error(f"--decoder-channels {args.decoder_channels!r}: expected 5 comma-separated integers")
     if args.workers is None:
         args.workers = 4 if args.device.startswith("cuda") else 0
+    if args.patience is None:
+        args.patience = PATIENCE[TASKS[args.task]["kind"]]
     args.init = args.init or ["random"]
     try:
         args.shots = [int(s) for s in args.shots.split(",")] if args.shots else [None]

@@ -22,7 +22,6 @@ these are keys of evenly spaced ages). Cost per sampled step: an ANCHORS x K pro
 one at the paper's batch. At the demo's sizes (B = 32, K = 2048, 21 steps per epoch) it is the whole B x K
 product on every step, i.e. exact; on long epochs the estimates pool 512-992 anchors per epoch.
 """
-import json
 import math
 import sys
 from pathlib import Path
@@ -86,15 +85,12 @@ class Monitor:
                 f"(t {self.t:g}) q.k {m['pos_cos']:.2f} align {m['align']:.2f} unif {m['unif']:.2f}")
 
 
-def read_log(path):
-    """log.jsonl -> records in step order; a repeated (stage, epoch) (a resume after a stop between the
-    log line and the checkpoint) keeps its last line."""
-    records = {}
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            records[(r["stage"], r["epoch"])] = r
-    return sorted(records.values(), key=lambda r: r["step"])
+def epoch_records(run):
+    """runs.read_log(run) in step order, one record per (stage, epoch): a repeated epoch (a resume after a stop
+    between the log line and the checkpoint) keeps its last line."""
+    import runs
+    last = {(r["stage"], r["epoch"]): r for r in runs.read_log(run)}
+    return sorted(last.values(), key=lambda r: r["step"])
 
 
 def stage_ends(records):
@@ -102,8 +98,8 @@ def stage_ends(records):
     return [r for r, nxt in zip(records, records[1:] + [None]) if nxt is None or nxt["stage"] != r["stage"]]
 
 
-def write_curves(log_path, png_path, threshold):
-    """OUT/curves.png from OUT/log.jsonl: loss and validation loss, lr, pruned fraction, the similarity
+def write_curves(run, threshold):
+    """run/curves.png from run/log.jsonl: loss and validation loss, lr, pruned fraction, the similarity
     quantiles against the threshold line, alignment and uniformity; dotted lines end each stage. Without
     matplotlib: one line on stderr and no figure (training does not need it)."""
     from runs import write_atomic
@@ -115,7 +111,7 @@ def write_curves(log_path, png_path, threshold):
         print(f"curves.png skipped: matplotlib is not importable ({e}); log.jsonl has the numbers",
               file=sys.stderr)
         return None
-    records = read_log(log_path)
+    records = epoch_records(run)
     if not records:
         return None
     step = [r["step"] for r in records]
@@ -148,6 +144,6 @@ def write_curves(log_path, png_path, threshold):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    out = write_atomic(png_path, lambda p: fig.savefig(p, format="png", dpi=90))
+    out = write_atomic(Path(run) / "curves.png", lambda p: fig.savefig(p, format="png", dpi=90))
     plt.close(fig)
     return out

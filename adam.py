@@ -40,6 +40,7 @@ import torchvision
 from torchvision.transforms import v2 as T
 
 import data_prep  # datasets: numpy + pillow only
+import monitor  # the embedding monitor: what the pruner sees, alignment/uniformity, curves.png
 import runs  # the run folder: args.json, log.jsonl, checkpoints, exports, resume
 from data_prep import DataError  # bad input data, named with its file
 
@@ -396,6 +397,7 @@ def main(argv=None):
     run = runs.RunFolder(args, fused, rank == 0, ckpt)              # OUT: args.json, log, checkpoints, exports
     steps_per_epoch = min(len(train_images) // args.batch_size, args.steps_per_epoch or math.inf)
     total_steps = len(args.level_list) * args.epochs * steps_per_epoch
+    mon = monitor.Monitor(args.threshold, steps_per_epoch)        # similarities on a few anchors, a few steps
     say(f"data: {train_images.name}, {len(train_images)} train images; {args.arch} at {args.img_size} px; "
         f"levels {args.level_list}, {args.epochs} epochs x {steps_per_epoch} steps; batch {args.batch_size} "
         f"on {world} x {device.type}, BN groups {groups}; K={args.queue_size} tau={args.temperature} "
@@ -433,6 +435,7 @@ def main(argv=None):
                 loss.backward()
                 optimizer.step()
                 ema_update(teacher, student, args.momentum_ema)
+                mon.observe(i, q, k, bank.queue)                           # the bank the loss saw
                 bank.enqueue(all_gather(k))                                # after the loss (MoCo order)
                 step, steps_run = step + 1, steps_run + 1
                 loss_v, pruned_v = loss.item(), pruned.item()
@@ -445,13 +448,13 @@ def main(argv=None):
                     eta = (time.time() - t_run) / steps_run * (total_steps - step)
                     say(f"level {level} epoch {epoch + 1}/{args.epochs} step {i + 1}/{steps_per_epoch} "
                         f"loss {loss_sum / (i + 1):.4f} lr {epoch_lr:.4g} pruned {100 * pruned_sum / (i + 1):.1f}% "
-                        f"{(i + 1) * args.batch_size / (time.time() - t_epoch):.0f} img/s ETA {eta / 60:.1f} min",
-                        flush=True)
+                        f"{(i + 1) * args.batch_size / (time.time() - t_epoch):.0f} img/s ETA {eta / 60:.1f} min"
+                        f"{mon.brief()}", flush=True)
             record = {"stage": stage, "level": level, "epoch": epoch + 1, "step": step,
                       "loss": loss_sum / steps_per_epoch, "lr": epoch_lr, "pruned": pruned_sum / steps_per_epoch,
                       "images_per_s": steps_per_epoch * args.batch_size / (time.time() - t_epoch),
                       "val_loss": validate(student, teacher, bank, val_images, level, t, args, fused,
-                                           device, world, rank, batch, views)}
+                                           device, world, rank, batch, views), **mon.summary()}
             stage_log["epochs"].append(record)
             run.end_of_epoch(record, student, teacher, bank, optimizer, summary)
         losses = [e["loss"] for e in stage_log["epochs"]] or [float("nan")]

@@ -9,6 +9,7 @@ and bench.py use too.
     OUT/adam_<arch>_level<n>.pth   the backbone at the end of each stage, torchvision keys
     OUT/adam_<arch>_level<n>_best.pth  the backbone of the stage's epoch with the lowest validation loss (the encoder
                                    the authors fine-tune, docs/METHOD.md §5); its epoch is best_epoch in log.jsonl
+    OUT/curves.png                 loss, lr, pruning, similarities, alignment/uniformity (monitor.py), per stage end
     OUT/tb/                        TensorBoard scalars (--tensorboard)
     OUT/.lock                      held while a run writes OUT: a second run into OUT is refused at once
 
@@ -36,6 +37,7 @@ from pathlib import Path
 import torch
 
 import data_prep  # the safe-writing pieces shared with the dataset caches: FolderLock, fsync, DiskFull
+import monitor  # curves.png, and the monitor's fields among the TensorBoard scalars
 
 
 def write_atomic(path, write):
@@ -324,8 +326,10 @@ class RunFolder:
                         stage=record["stage"], epoch=record["epoch"], step=record["step"],
                         student=student.state_dict(), teacher=teacher.state_dict(), bank=bank.queue.cpu(),
                         bank_ptr=bank.ptr, optimizer=optimizer.state_dict(), rng=rng, best=best)
+        if record["epoch"] == args.epochs:                         # end of a stage, and of the run after the last
+            monitor.write_curves(out, args.threshold)
         if self.tb:
-            for key in ("loss", "lr", "pruned", "images_per_s", "val_loss"):
+            for key in ("loss", "lr", "pruned", "images_per_s", "val_loss") + monitor.FIELDS:
                 if record.get(key) is not None:
                     self.tb.add_scalar(f"epoch/{key}", record[key], record["step"])
             self.tb.flush()

@@ -362,7 +362,21 @@ def test_phantom_anatomy_is_plausible():
         assert L["left_apex"][0] > L["right_apex"][0] and L["left_costophrenic"][0] > L["right_costophrenic"][0]
         # bright mediastinum and dark lungs, as in a PA radiograph
         assert img[m[heart] > 0].mean() > img[m[llung] > 0].mean() + 20
-        assert img[m[rlung] > 0].mean() < img[(m.sum(0) == 0) & (ys > 100)].mean()
+        xr, yr = L["right_hemidiaphragm"]                          # the liver under the right dome
+        liver = (m.sum(0) == 0) & (ys > yr + 6) & (ys < yr + 18) & (np.abs(xs - xr) < 10)
+        assert img[m[rlung] > 0].mean() < img[liver].mean() - 20
+
+
+def test_a_phantom_of_another_generator_version_is_kept_with_a_warning(tmp_path, capsys):
+    root = dp.ensure_phantom(tmp_path / "phantom", num_images=4, size=32, seed=0)
+    meta = json.loads((root / "meta.json").read_text())
+    assert meta["phantom_version"] == dp.PHANTOM_VERSION
+    del meta["phantom_version"]                                 # as version 1 wrote it
+    (root / "meta.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    dp.ensure_phantom(root, num_images=4, size=32, seed=0)
+    err = capsys.readouterr().err
+    assert "phantom_version" in err and f"None != {dp.PHANTOM_VERSION}" in err and "delete it" in err
 
 
 def test_phantom_is_a_function_of_the_seed():

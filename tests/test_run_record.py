@@ -10,6 +10,7 @@ import torch
 import torchvision
 
 import adam
+import monitor
 from conftest import ROOT, TINY_RUN
 
 
@@ -70,7 +71,7 @@ def test_tensorboard_scalars_match_the_log(phantom_root, tmp_path, monkeypatch):
     (w,) = _FakeWriter.made
     assert w.log_dir == str(out / "tb") and w.closed
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    for key in ("loss", "lr", "pruned", "images_per_s"):
+    for key in ("loss", "lr", "pruned", "images_per_s") + monitor.FIELDS:
         assert [(v, s) for t, v, s in w.scalars if t == f"epoch/{key}"] == [(r[key], r["step"]) for r in log]
     steps = [s for t, _, s in w.scalars if t == "train/loss"]
     assert steps == list(range(1, log[-1]["step"] + 1))            # one point per training step

@@ -1,0 +1,405 @@
+"""
+The paper's ablations as one command: what the Anatomy Decomposer (AD) and the Purposive Pruner (PP) buy.
+
+    python ablate.py --out runs/ablation --scale cpu          # 2 CPU cores, about 90 min (README)
+    python ablate.py --out runs/ablation_gpu --scale gpu      # one GPU (README: command and estimated time)
+    python ablate.py --out /tmp/ablation --scale smoke        # under 3 min on 2 cores: what the tests run
+    python ablate.py --out runs/ablation --dry-run            # the plan (runs, step budgets), nothing trained
+
+Every variant is pretrained by adam.main with the same budget of optimisation steps and the same seeds
+(paper Sect. 3, Fig. 5; docs/METHOD.md §5):
+    Adam       levels 0,2,4, PP at t = 0.8 from level 2 on (the authors' setting)
+    no PP      levels 0,2,4, --threshold 1 (the pruner keeps everything)
+    no AD      level 0 only, PP on it (--prune-every-level): the pruner without the decomposer
+    MoCo-v2    level 0 only, no PP: neither component
+    random     no pretraining (torchvision's initialisation)
+and with --ladder the granularity ladder of Fig. 5.2 (levels 0,1 / 0,1,2 / 0,1,2,3 / 0,1,2,3,4, PP on; its
+first rung, level 0 alone, is the MoCo-v2 row). A variant with fewer stages gets more steps per stage, so
+that every encoder has taken the same number of steps: plan() picks epochs per stage and steps per epoch
+whose product is the budget / stages (each stage has its own cosine schedule, as in adam.py).
+
+Every encoder is then evaluated the same way, through the functions of the other scripts (no subprocess:
+adam.main, finetune.main and eve.main return their results):
+    finetune.py  few-shot U-Net segmentation of the phantom heart and clavicles at 3 and 12 shots; each
+                 pretraining seed s gets its own draws (finetune seeds s*draws ... s*draws + draws - 1), the
+                 same for every variant, so every comparison is paired on (pretraining seed, draw)
+    eve.py       landmark locality (k-NN accuracy), compositionality gap, dense correspondence
+                 (self and pair, share of cells matched within one cell), one value per pretraining seed
+Outputs in OUT: ablation.json (every run, rewritten after each), ablation.md (mean +- std per variant; the
+paired difference to Adam with its 95% t-interval, the paired t-test p-value over seeds x draws, the same
+test on per-seed means, and the difference it could detect) and ablation.png. Each run's own folder and
+log live under OUT/pretrain, OUT/finetune, OUT/eve, OUT/logs. A rerun skips the runs ablation.json
+records and resumes an interrupted pretraining from its checkpoint.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+# As in adam.py: sleeping OpenMP waits, set before torch loads libgomp (BENCHMARKS.md, "an OpenMP pitfall"); with
+# spinning waits the fine-tuning's two threads stalled each other on a busy 2-core machine (24 s per epoch, not 2).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np
+import torch
+
+import adam
+import data_prep
+import eve
+import finetune
+import monitor
+from finetune import paired_test, summarize
+from runs import write_atomic
+
+VARIANTS = {  # key -> (name in tables, adam.py flags); None = no pretraining
+    "adam": ("Adam", ["--levels", "0,2,4"]),
+    "no_pp": ("no PP", ["--levels", "0,2,4", "--threshold", "1"]),
+    "no_ad": ("no AD", ["--levels", "0", "--prune-every-level"]),
+    "moco": ("MoCo-v2", ["--levels", "0", "--threshold", "1"]),
+    "random": ("random", None),
+}
+LADDER = {f"levels_{'-'.join(map(str, range(n + 1)))}": (f"levels {','.join(map(str, range(n + 1)))}",
+                                                          ["--levels", ",".join(map(str, range(n + 1)))])
+          for n in range(1, 5)}
+TASKS = ("phantom-heart", "phantom-clavicle")
+SHOTS = (3, 12)
+
+# Scales. pretrain: adam.py flags besides the variant's (the step budget is `steps`, split by plan());
+# finetune / eve: flags of those scripts for every encoder. `phantom`: (images, side) of the generated set.
+SCALES = {
+    # the test suite's: every piece runs, nothing is learnt; 2 seeds x 1 draw so that every paired test has n = 2
+    "smoke": dict(
+        root="data/phantom_smoke", phantom=(48, 64), seeds=2, draws=1, steps=6, arch="resnet18", img_size=32,
+        pretrain=["--img-size", "32", "--batch-size", "8", "--queue-size", "64", "--workers", "0",
+                  "--val-steps", "1", "--print-freq", "1000", "--device", "cpu"],
+        finetune=["--img-size", "32", "--epochs", "1", "--min-iters", "2", "--val-images", "4", "--device", "cpu"],
+        eve=["--num-images", "6", "--num-patches", "4", "--parts", "2", "--tsne-points", "20", "--folds", "2",
+             "--grid", "4", "--corr-pairs", "2", "--device", "cpu"]),
+    # 2 CPU cores, about 90 min: the demo's pretraining (ResNet-18, 64 px views, batch 32, K 2048) for 300 steps
+    "cpu": dict(
+        root="data/phantom", phantom=(1000, 256), seeds=3, draws=2, steps=300, arch="resnet18", img_size=64,
+        pretrain=["--print-freq", "1000"],
+        finetune=["--epochs", "15", "--min-iters", "4", "--val-images", "32"],
+        eve=["--num-images", "30", "--num-patches", "30", "--tsne-points", "100"]),
+    # one GPU: ResNet-50 at 128 px, 3000 steps of batch 128 on 5000 phantoms, views made on the GPU (CPU workers
+    # could not feed it: BENCHMARKS.md), 5 seeds x 2 draws
+    "gpu": dict(
+        root="data/phantom_5k", phantom=(5000, 256), seeds=5, draws=2, steps=3000, arch="resnet50", img_size=128,
+        pretrain=["--img-size", "128", "--batch-size", "128", "--queue-size", "16384", "--lr", "0.03",
+                  "--momentum-ema", "0.99", "--gpu-views", "--workers", "4", "--val-steps", "4",
+                  "--print-freq", "1000"],
+        finetune=["--img-size", "128", "--epochs", "30", "--batch-size", "16", "--min-iters", "8",
+                  "--val-images", "64", "--workers", "0"],  # finetune.py's workers restart every epoch
+        eve=["--num-images", "100", "--num-patches", "100", "--tsne-points", "300"]),
+}
+
+
+def plan(stages, budget, max_steps_per_epoch):
+    """(epochs per stage, steps per epoch) with stages x epochs x steps = budget, steps per epoch as large as
+    the train split allows. Where budget / stages has no such factorisation, the nearest total below it."""
+    per_stage = budget // stages
+    for spe in range(min(max_steps_per_epoch, per_stage), 0, -1):
+        if per_stage % spe == 0:
+            return per_stage // spe, spe
+    raise ValueError(f"a budget of {budget} steps cannot give {stages} stages a step each")
+
+
+# ----------------------------------------------------------------------------- the runs
+
+@contextlib.contextmanager
+def logged(path):
+    """The scripts' own progress goes to OUT/logs/<run>.log; the console gets one line per run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        yield
+
+
+def pretrain(key, flags, seed, cfg, root, out, max_spe):
+    """adam.main on one variant and seed with the scale's step budget -> record."""
+    levels = flags[flags.index("--levels") + 1].split(",")
+    epochs, spe = plan(len(levels), cfg["steps"], max_spe)
+    folder = out / "pretrain" / f"{key}_seed{seed}"
+    argv = ["--data", "phantom", "--data-root", str(root), "--arch", cfg["arch"], *cfg["pretrain"], *flags,
+            "--epochs", str(epochs), "--steps-per-epoch", str(spe), "--seed", str(seed), "--out", str(folder)]
+    if (folder / "checkpoint.pth").is_file():
+        argv += ["--resume", str(folder)]                       # an interrupted run continues where it stopped
+    elif folder.exists():
+        shutil.rmtree(folder)                                    # stopped before its first checkpoint: start again
+    t0 = time.time()
+    summary = adam.main(argv)
+    log = monitor.epoch_records(folder)
+    return dict(kind="pretrain", variant=key, seed=seed, out=str(folder), argv=argv, stages=len(levels),
+                epochs=epochs, steps_per_epoch=spe, steps=log[-1]["step"], wall_s=round(time.time() - t0, 1),
+                backbones=summary["backbones"], last_epoch=log[-1], last_epoch_per_stage=monitor.stage_ends(log))
+
+
+def finetune_runs(key, seed, spec, cfg, root, out):
+    """finetune.main on one encoder: both tasks, both shot counts, the seed's draws -> records."""
+    records = []
+    for task in TASKS:
+        res = finetune.main(["--task", task, "--data-root", str(root), "--arch", cfg["arch"], "--init",
+                             f"{key}={spec}", "--shots", ",".join(map(str, SHOTS)), "--runs", str(cfg["draws"]),
+                             "--seed", str(seed * cfg["draws"]), "--save", "none",
+                             "--out", str(out / "finetune" / f"{key}_seed{seed}"), *cfg["finetune"]])
+        records += [dict(kind="finetune", variant=key, seed=seed, task=task, shots=r["shots"], draw=r["seed"],
+                         metric=r["metric"], value=r["value"], epochs=r["epochs"], best_epoch=r["best_epoch"],
+                         time_s=r["time_s"]) for r in res["records"]]
+    return records
+
+
+def eve_run(key, seed, spec, cfg, root, out):
+    """eve.main on one encoder: locality, compositionality, correspondence -> record."""
+    t0 = time.time()
+    res = eve.main(["--data", "phantom", "--data-root", str(root), "--arch", cfg["arch"], "--img-size",
+                    str(cfg["img_size"]), "--init", f"{key}={spec}", "--seed", str(seed), "--dicom", "none",
+                    "--out", str(out / "eve" / f"{key}_seed{seed}"), *cfg["eve"]])["results"][key]
+    comp = res["compositionality"]
+    return dict(kind="eve", variant=key, seed=seed, wall_s=round(time.time() - t0, 1),
+                locality=100 * res["locality"]["knn_accuracy"],
+                comp_gap=float(np.mean([comp[n]["gap"] for n in comp])),
+                corr_self=100 * res["correspondence"]["self"]["within_one_cell"],
+                corr_pair=100 * res["correspondence"]["pair"]["within_one_cell"], raw=res)
+
+
+# ----------------------------------------------------------------------------- statistics and reports
+
+def metrics():
+    """(column key, title, kind, selector) of every number in the tables."""
+    cols = [(f"{t.split('-')[1]}_{s}", f"{t.split('-')[1]} {s}-shot Dice", "finetune",
+             lambda r, t=t, s=s: r["task"] == t and r["shots"] == s) for t in TASKS for s in SHOTS]
+    return cols + [("locality", "locality k-NN %", "eve", None), ("comp_gap", "compositionality gap", "eve", None),
+                   ("corr_self", "correspondence self %", "eve", None),
+                   ("corr_pair", "correspondence pair %", "eve", None)]
+
+
+def values(records, variant, col):
+    """{(pretraining seed, draw): value} of one variant and column; eve has one unit per seed (draw None)."""
+    key, _, kind, select = col
+    out = {}
+    for r in records:
+        if r["kind"] == kind and r["variant"] == variant and (select is None or select(r)):
+            out[(r["seed"], r.get("draw"))] = r["value"] if kind == "finetune" else r[key]
+    return out
+
+
+def paired(a, b):
+    """a - b on their common units: the mean difference with its 95% t-interval, the paired t-test over the
+    units (seeds x draws), the same test on per-seed means (draws of one encoder share it, so this is the
+    conservative one), and the difference detectable with 80% power at 5% (two-sided) given the observed spread."""
+    from scipy import stats
+    common = sorted(set(a) & set(b), key=str)
+    if not common:
+        return None
+    d = summarize([a[u] - b[u] for u in common])
+    t = paired_test([a[u] for u in common], [b[u] for u in common])
+    seeds = sorted({u[0] for u in common})
+    per_seed = lambda v: [np.mean([v[u] for u in common if u[0] == s]) for s in seeds]
+    ts = paired_test(per_seed(a), per_seed(b))
+    n = len(common)
+    mde = (stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.8, n - 1)) * d["std"] / math.sqrt(n) if n > 1 else math.nan
+    return dict(n=n, diff=d["mean"], ci_lo=d["ci_lo"], ci_hi=d["ci_hi"], p=t["p"], seeds=len(seeds),
+                p_seed=ts["p"], mde=float(mde))
+
+
+def analyse(records, variants):
+    """{column key: {variant: {"summary": mean/std/ci, "vs_adam": paired(...)}}}."""
+    out = {}
+    for col in metrics():
+        ref = values(records, "adam", col)
+        out[col[0]] = {}
+        for v in variants:
+            vals = values(records, v, col)
+            if vals:
+                out[col[0]][v] = dict(summary=summarize(list(vals.values())),
+                                      vs_adam=None if v == "adam" else paired(vals, ref))
+    return out
+
+
+def fmt(x, d=2):
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{d}f}"
+
+
+def write_md(path, state, stats, variants):
+    cols, name = metrics(), lambda v: {**VARIANTS, **LADDER}[v][0]
+    cfg, recs = state["settings"], state["runs"]
+    pre = [r for r in recs if r["kind"] == "pretrain"]
+    wall = {k: sum(r.get("wall_s", 0) for r in recs if r["kind"] == k) for k in ("pretrain", "eve")}
+    wall["finetune"] = sum(r["time_s"] for r in recs if r["kind"] == "finetune")
+    lines = [f"# Ablation (`--scale {state['scale']}`)", "",
+             f"Command: `{' '.join(state['command'])}`; {platform.platform()}, "
+             f"{torch.get_num_threads()} torch threads.",
+             f"Budget: {cfg['steps']} pretraining steps per variant; pretraining seeds 0-{cfg['seeds'] - 1}, "
+             f"{cfg['draws']} few-shot draw(s) per seed; phantom {cfg['phantom'][0]} images at "
+             f"{cfg['phantom'][1]} px. Wall time so far: pretraining {wall['pretrain'] / 60:.1f} min, fine-tuning "
+             f"{wall['finetune'] / 60:.1f} min, Eve {wall['eve'] / 60:.1f} min.", "",
+             "## Pretraining (last epoch of each run; the monitor's fields, monitor.py)", "",
+             "| variant | seed | stages x epochs x steps | steps | loss | val loss | pruned % | q.b >= t % | "
+             "median max q.b | q.b p99 | q.k | align | unif | encoder evaluated | wall s |", "|---|" + "---|" * 14]
+    for r in sorted(pre, key=lambda r: (variants.index(r["variant"]) if r["variant"] in variants else 99, r["seed"])):
+        e = r["last_epoch"]
+        lines.append(f"| {name(r['variant'])} | {r['seed']} | {r['stages']} x {r['epochs']} x {r['steps_per_epoch']} "
+                     f"| {r['steps']} | {fmt(e['loss'], 3)} | {fmt(e.get('val_loss'), 3)} | "
+                     f"{fmt(100 * e['pruned'])} | {fmt(100 * e.get('would_prune', math.nan))} | "
+                     f"{fmt(e.get('sim_max_median'), 3)} | {fmt(e.get('sim_p99'), 3)} | {fmt(e.get('pos_cos'), 3)} | "
+                     f"{fmt(e.get('align'), 3)} | {fmt(e.get('unif'), 3)} | "
+                     f"{'epoch %d (lowest val loss)' % e['best_epoch'] if e.get('best_epoch') else 'last epoch'} | "
+                     f"{fmt(r['wall_s'], 0)} |")
+    head = "| variant | " + " | ".join(c[1] for c in cols) + " |\n|---|" + "---|" * len(cols)
+    lines += ["", "## Mean ± std over seeds x draws (n)", "",
+              "Few-shot Dice (%) on the phantom test split; Eve per pretraining seed. Higher is better for every "
+              "column.", "", head]
+    for v in variants:
+        cells = []
+        for c in cols:
+            s = stats[c[0]].get(v, {}).get("summary")
+            cells.append(f"{fmt(s['mean'])} ± {fmt(s['std'])} ({s['n']})" if s else "")
+        lines.append(f"| {name(v)} | " + " | ".join(cells) + " |")
+    lines += ["", "## Paired difference to Adam", "",
+              "Δ = variant − Adam on the same (pretraining seed, draw): mean [95% t-interval], p of the two-sided "
+              "paired t-test over seeds x draws, p over per-seed means (the draws of one seed share an encoder, "
+              "so this one is the conservative test), n pairs, and the Δ this design could detect "
+              "(80% power, 5% two-sided, at the observed spread of Δ). Δ < 0: Adam is better.", ""]
+    others = [v for v in variants if v != "adam"]
+    lines += ["| metric | " + " | ".join(name(v) for v in others) + " |", "|---|" + "---|" * len(others)]
+    for c in cols:
+        cells = []
+        for v in others:
+            d = stats[c[0]].get(v, {}).get("vs_adam")
+            cells.append("" if not d else f"{d['diff']:+.2f} [{fmt(d['ci_lo'])}, {fmt(d['ci_hi'])}] "
+                         f"p={fmt(d['p'], 3)}, p_seed={fmt(d['p_seed'], 3)}, n={d['n']}, detectable ±{fmt(d['mde'])}")
+        lines.append(f"| {c[1]} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    write_atomic(path, lambda p: Path(p).write_text(text))
+    return text
+
+
+def write_png(path, records, stats, variants):
+    """Per metric, each variant's paired difference to Adam: the mean with its 95% t-interval, every pair in grey."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cols, name = metrics(), lambda v: {**VARIANTS, **LADDER}[v][0]
+    others = [v for v in variants if v != "adam"]
+    fig, axes = plt.subplots(2, 4, figsize=(4 * 4, 7.5))
+    for ax, col in zip(axes.flat, cols):
+        ref = values(records, "adam", col)
+        for x, v in enumerate(others):
+            d = stats[col[0]].get(v, {}).get("vs_adam")
+            if not d:
+                continue
+            vals = values(records, v, col)
+            pts = [vals[u] - ref[u] for u in sorted(set(vals) & set(ref), key=str)]
+            ax.scatter(x + np.linspace(-0.15, 0.15, len(pts)), pts, s=8, color="grey", alpha=0.6)
+            err = [[d["diff"] - d["ci_lo"]], [d["ci_hi"] - d["diff"]]] if not math.isnan(d["ci_lo"]) else None
+            ax.errorbar(x, d["diff"], yerr=err, fmt="o", color="C1", capsize=4)
+        ax.axhline(0, color="C0", ls="--", lw=0.8)
+        ax.set_xticks(range(len(others)), [name(v) for v in others], rotation=35, ha="right", fontsize=8)
+        ax.set_title(f"{col[1]}: variant − Adam", fontsize=9)
+    fig.suptitle("paired difference to Adam on the same seeds and draws: mean and 95% t-interval (grey: every "
+                 "pair); below 0: Adam is better", fontsize=10)
+    fig.tight_layout()
+    write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=90))
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for ablation.json/.md/.png and every run's files; "
+                   "a rerun into it skips finished runs")
+    p.add_argument("--scale", default="cpu", choices=list(SCALES), help="smoke: the tests' (< 3 min, nothing "
+                   "learnt); cpu: 2 CPU cores, about 90 min; gpu: one GPU (README)")
+    p.add_argument("--ladder", action="store_true", help="also the granularity ladder (levels 0,1 ... 0,1,2,3,4)")
+    p.add_argument("--data-root", default=None, help="phantom cache to use (default: the scale's, generated "
+                   "when missing)")
+    p.add_argument("--seeds", type=int, default=None, help="pretraining seeds 0..N-1 (default: the scale's)")
+    p.add_argument("--draws", type=int, default=None, help="few-shot draws per seed (default: the scale's)")
+    p.add_argument("--dry-run", action="store_true", help="print the runs and their step budgets, run nothing")
+    args = p.parse_args(argv)
+    for k in ("seeds", "draws"):
+        if getattr(args, k) is not None and getattr(args, k) < 1:
+            p.error(f"--{k} must be >= 1")
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    cfg = dict(SCALES[args.scale])
+    cfg.update({k: getattr(args, k) for k in ("seeds", "draws") if getattr(args, k) is not None})
+    out = Path(args.out)
+    variants = list(VARIANTS) + (list(LADDER) if args.ladder else [])
+    flags = {k: v[1] for k, v in {**VARIANTS, **LADDER}.items()}
+    state_path = out / "ablation.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else None
+    if state and (state["scale"], state["settings"]["seeds"], state["settings"]["draws"]) != \
+            (args.scale, cfg["seeds"], cfg["draws"]):
+        raise ValueError(f"--out {out} holds a --scale {state['scale']} ablation with {state['settings']['seeds']} "
+                         f"seeds x {state['settings']['draws']} draws: rerun it with those, or choose another --out")
+    state = state or dict(scale=args.scale, settings=cfg, runs=[])
+    state["command"] = ["python", "ablate.py", *(sys.argv[1:] if argv is None else argv)]
+    root = Path(args.data_root or cfg["root"])
+    if args.dry_run and not (root / "meta.json").exists():   # not generated yet: its split is known
+        n_train = int(round(0.7 * cfg["phantom"][0]))
+    else:
+        if args.data_root is None:
+            data_prep.ensure_phantom(root, num_images=cfg["phantom"][0], size=cfg["phantom"][1], seed=0)
+        n_train = len(data_prep.open_cache(root).rows("train"))
+    batch = int(cfg["pretrain"][cfg["pretrain"].index("--batch-size") + 1]) if "--batch-size" in cfg["pretrain"] \
+        else adam.PRESETS["demo"]["batch_size"]
+    max_spe = n_train // batch
+    seeds = range(cfg["seeds"])
+    jobs = [("pretrain", v, s) for s in seeds for v in variants if flags[v] is not None]
+    jobs += [(kind, v, s) for s in seeds for v in variants for kind in ("finetune", "eve")]
+    print(f"ablation --scale {args.scale}: {len(variants)} variants x {cfg['seeds']} seeds, {cfg['steps']} "
+          f"pretraining steps each, {cfg['draws']} draw(s) x {len(SHOTS)} shot counts x {len(TASKS)} tasks; "
+          f"data {root} ({n_train} train images); logs in {out / 'logs'}", flush=True)
+    if args.dry_run:
+        for v in variants:
+            if flags[v] is not None:
+                n = len(flags[v][flags[v].index("--levels") + 1].split(","))
+                e, spe = plan(n, cfg["steps"], max_spe)
+                print(f"  {v}: {' '.join(flags[v])}: {n} stage(s) x {e} epochs x {spe} steps = {n * e * spe} steps")
+        n_ft = sum(k == "finetune" for k, _, _ in jobs) * len(TASKS) * len(SHOTS) * cfg["draws"]
+        print(f"  {sum(k == 'pretrain' for k, _, _ in jobs)} pretraining runs, {n_ft} fine-tuning runs, "
+              f"{sum(k == 'eve' for k, _, _ in jobs)} Eve runs")
+        return dict(out=str(out), jobs=jobs)
+    done = {(r["kind"], r["variant"], r["seed"]) for r in state["runs"]}
+    t_start = time.time()
+    for j, (kind, v, s) in enumerate(jobs):
+        if (kind, v, s) in done:
+            continue
+        print(f"[{j + 1}/{len(jobs)}] {kind} {v} seed {s} ...", flush=True)
+        t0 = time.time()
+        spec = "random" if flags[v] is None else f"adam:{out / 'pretrain' / f'{v}_seed{s}'}"
+        with logged(out / "logs" / f"{kind}_{v}_seed{s}.log"):
+            if kind == "pretrain":
+                new = [pretrain(v, flags[v], s, cfg, root, out, max_spe)]
+            elif kind == "finetune":
+                new = finetune_runs(v, s, spec, cfg, root, out)
+            else:
+                new = [eve_run(v, s, spec, cfg, root, out)]
+        state["runs"] += new
+        write_atomic(state_path, lambda p: Path(p).write_text(json.dumps(state, indent=1, default=str)))
+        print(f"[{j + 1}/{len(jobs)}] {kind} {v} seed {s}: {time.time() - t0:.0f}s "
+              f"({(time.time() - t_start) / 60:.1f} min so far)", flush=True)
+    stats = analyse(state["runs"], variants)
+    state["stats"] = stats
+    write_atomic(state_path, lambda p: Path(p).write_text(json.dumps(state, indent=1, default=str)))
+    text = write_md(out / "ablation.md", state, stats, variants)
+    write_png(out / "ablation.png", state["runs"], stats, variants)
+    print(text)
+    return dict(out=str(out), stats=stats, table=text, runs=state["runs"])
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError, data_prep.DataError) as e:  # bad input: one clear line, no traceback
+        sys.exit(f"ablate.py: error: {e}")

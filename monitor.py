@@ -85,6 +85,32 @@ class Monitor:
                 f"(t {self.t:g}) q.k {m['pos_cos']:.2f} align {m['align']:.2f} unif {m['unif']:.2f}")
 
 
+# Collapse, as the monitor sees it. A spread embedding scores a uniformity well below -1 (directions at random in
+# 128-d: about -4; a randomly initialised ResNet on a batch of views: about -0.7); above COLLAPSED_UNIF the anchors
+# of a batch sit at nearly one point. With the pruner on, a collapsed embedding puts every bank key within t of its
+# anchor: all of them are pruned, the loss is ~0 and nothing pushes the anchors apart again - a fixed point (README,
+# "Ablations", measured there). The first epoch is left out: a run starts from wherever its random init puts it.
+COLLAPSED_UNIF, ALL_PRUNED = -0.05, 0.99
+
+
+def collapse_warnings(record, warned):
+    """Lines to print for this epoch record (once per kind and run; `warned` is the run's set of kinds seen)."""
+    if record["stage"] == 0 and record["epoch"] == 1:
+        return []
+    where, lines = f"at level {record['level']} epoch {record['epoch']}", []
+    unif, pruned = record.get("unif"), record.get("pruned", 0.0)
+    if pruned >= ALL_PRUNED and "pruned" not in warned:
+        warned.add("pruned")
+        lines.append(f"warning: the pruner removed {100 * pruned:.1f}% of the bank {where}: every negative is within "
+                     f"t of its anchor, so the loss (~0) no longer pushes anchors apart and the embedding stays "
+                     f"collapsed; raise --threshold or prune only after level 0 (README: Ablations)")
+    if unif is not None and math.isfinite(unif) and unif > COLLAPSED_UNIF and "unif" not in warned:
+        warned.add("unif")
+        lines.append(f"warning: uniformity {unif:.3f} {where}: the anchors of a batch map to nearly one point "
+                     f"(a spread embedding scores well below -1); the loss then tells current keys from older "
+                     f"bank entries, not images apart (README: Ablations)")
+    return lines
+
 def epoch_records(run):
     """runs.read_log(run) in step order, one record per (stage, epoch): a repeated epoch (a resume after a stop
     between the log line and the checkpoint) keeps its last line."""

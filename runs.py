@@ -286,6 +286,7 @@ class RunFolder:
     def __init__(self, args, fused, active=True, ckpt=None):
         self.args, self.out, self.active = args, Path(args.out), active
         self.tb, self.best = None, (ckpt or {}).get("best")  # best: {stage, level, epoch, val_loss} or None
+        self.warned = set()                                  # collapse warnings already printed (monitor.py)
         self.lock = None
         if active:
             self.lock = claim(args)
@@ -314,6 +315,8 @@ class RunFolder:
             best = self.best = {k: record[k] for k in ("stage", "level", "epoch")} | {"val_loss": val}
         record["best_epoch"] = best["epoch"] if best else None  # the stage's lowest validation loss so far
         append_log(out / "log.jsonl", record)
+        for line in monitor.collapse_warnings(record, self.warned):
+            print(line, flush=True)
         if improved:
             summary.setdefault("best", {})[record["level"]] = export_backbone(
                 student, out / backbone_name(args.arch, record["level"], best=True))

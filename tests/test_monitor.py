@@ -83,3 +83,22 @@ def test_run_logs_the_monitor_prints_it_and_draws_curves(phantom_root, tmp_path,
         assert -1 <= r["sim_median"] <= r["sim_p99"] <= 1 and 0 <= r["would_prune"] <= 1
     with Image.open(out / "curves.png") as im:
         assert im.format == "PNG" and im.size[0] > 800
+
+
+def test_collapse_warnings_once_per_kind_and_not_for_a_spread_embedding():
+    rec = lambda stage, epoch, unif, pruned: dict(stage=stage, level=2 * stage, epoch=epoch, unif=unif, pruned=pruned)
+    warned = set()
+    # the first epoch of a run is left out, whatever it shows
+    assert monitor.collapse_warnings(rec(0, 1, -0.001, 1.0), warned) == [] and warned == set()
+    # a spread embedding with a pruner that removes some pairs: nothing to say
+    assert monitor.collapse_warnings(rec(0, 2, -2.5, 0.3), warned) == []
+    assert monitor.collapse_warnings(rec(1, 1, monitor.COLLAPSED_UNIF - 1e-3, monitor.ALL_PRUNED - 1e-3), warned) == []
+    assert monitor.collapse_warnings(rec(1, 1, float("nan"), 0.0), warned) == []
+    # collapsed: both kinds, each naming where and the value
+    lines = monitor.collapse_warnings(rec(1, 3, -0.004, 0.996), warned)
+    assert len(lines) == 2 and all(line.startswith("warning: ") for line in lines)
+    assert "99.6%" in lines[0] and "level 2 epoch 3" in lines[0] and "-0.004" in lines[1]
+    # ... and only once per run
+    assert monitor.collapse_warnings(rec(1, 4, -0.001, 1.0), warned) == []
+    # one kind alone
+    assert len(monitor.collapse_warnings(rec(1, 2, -0.01, 0.0), set())) == 1

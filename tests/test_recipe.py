@@ -227,7 +227,8 @@ def test_cuda_random_state_is_saved_and_restored(tmp_path, monkeypatch):
     states = [torch.arange(8, dtype=torch.uint8), torch.arange(8, 16, dtype=torch.uint8)]
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: states)
-    folder = runs.RunFolder(types.SimpleNamespace(out=str(tmp_path), tensorboard=False, arch="resnet18", epochs=1),
+    folder = runs.RunFolder(types.SimpleNamespace(out=str(tmp_path), tensorboard=False, arch="resnet18", epochs=1,
+                                                  threshold=0.8),
                             fused=False)
     net, bank = adam.Encoder("resnet18", 8), adam.MemoryBank(4, 8, "cpu")
     record = dict(stage=0, level=0, epoch=1, step=1, loss=1.0, val_loss=None)

@@ -2,8 +2,8 @@
 readable reference adam.info_nce (docs/METHOD.md §4).
 
 Why: CI and most development machines have nvcc but no GPU, so tests/test_fused_op.py's CUDA
-variants skip there and a wrong index in csrc/info_nce_kernels.cuh would pass unnoticed until a
-GPU session. tests/cuda_emu/emu.h gives the kernels threadIdx/blockIdx, __syncthreads (every
+variants skip there and a wrong index in csrc/info_nce_kernels.cuh would pass unnoticed until
+its first run on a GPU. tests/cuda_emu/emu.h gives the kernels threadIdx/blockIdx, __syncthreads (every
 CUDA thread is a fiber, run to its next barrier one after another, so a missing barrier is a
 wrong result on every run, not a rare one), warp shuffles and ballots, and the TF32 mma.sync as a
 warp-collective built from the PTX ISA's fragment table; info_nce_emu.cpp runs the SIMPLE, TILED

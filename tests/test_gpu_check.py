@@ -1,5 +1,5 @@
 """gpu_check.sh's CPU dry run: the same stages in the same order at tiny shapes, the CUDA-only steps
-reported as skipped, so that a broken script is caught here and not in the rare session with a GPU."""
+reported as skipped, so that a broken script is caught here and not on the rare occasion a GPU is at hand."""
 import os
 import subprocess
 import sys

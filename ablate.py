@@ -53,9 +53,9 @@ import adam
 import data_prep
 import eve
 import finetune
-import monitor
+from adam_cxr import monitor
 from finetune import paired_test, summarize
-from runs import write_atomic
+from adam_cxr.runs import write_atomic
 
 VARIANTS = {  # key -> (name in tables, adam.py flags); None = no pretraining
     "adam": ("Adam", ["--levels", "0,2,4"]),
@@ -238,7 +238,7 @@ def write_md(path, state, stats, variants):
              f"{cfg['draws']} few-shot draw(s) per seed; phantom {cfg['phantom'][0]} images at "
              f"{cfg['phantom'][1]} px. Wall time so far: pretraining {wall['pretrain'] / 60:.1f} min, fine-tuning "
              f"{wall['finetune'] / 60:.1f} min, Eve {wall['eve'] / 60:.1f} min.", "",
-             "## Pretraining (last epoch of each run; the monitor's fields, monitor.py)", "",
+             "## Pretraining (last epoch of each run; the monitor's fields, adam_cxr/monitor.py)", "",
              "| variant | seed | stages x epochs x steps | steps | loss | val loss | pruned % | q.b >= t % | "
              "median max q.b | q.b p99 | q.k | align | unif | encoder evaluated | wall s |", "|---|" + "---|" * 14]
     for r in sorted(pre, key=lambda r: (variants.index(r["variant"]) if r["variant"] in variants else 99, r["seed"])):

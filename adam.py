@@ -13,7 +13,7 @@ Sections, in the order of the paper (Sect. 2, Fig. 2; the method's spec is docs/
   6. Purposive Pruner + InfoNCE   info_nce(): drop bank entries too similar to the anchor, then contrast
   7. teacher keys           shuffle BN: split BatchNorm in one process, a batch shuffle across processes
   8. training               main(): one stage per level (0 -> 2 -> 4) and the training step; validate()
-  9. plumbing               devices, loss path, data, loaders (the run folder, checkpoints, export: runs.py)
+  9. plumbing               devices, loss path, data, loaders (the run folder, checkpoints, export: adam_cxr/runs.py)
 
 `python adam.py` runs the CPU demo on procedurally generated chest phantoms (preset "demo");
 `python adam.py --data chestxray14` runs the paper's recipe (preset "paper"); `torchrun` runs it on
@@ -40,8 +40,8 @@ import torchvision
 from torchvision.transforms import v2 as T
 
 import data_prep  # datasets: numpy + pillow only
-import monitor  # the embedding monitor: what the pruner sees, alignment/uniformity, curves.png
-import runs  # the run folder: args.json, log.jsonl, checkpoints, exports, resume
+from adam_cxr import monitor  # the embedding monitor: what the pruner sees, alignment/uniformity, curves.png
+from adam_cxr import runs  # the run folder: args.json, log.jsonl, checkpoints, exports, resume
 from data_prep import DataError  # bad input data, named with its file
 
 # -----------------------------------------------------------------------------
@@ -81,7 +81,7 @@ def parse_args(argv=None):
     g.add_argument("--workers", type=n0, default=None,
                    help="DataLoader workers per process (paper: 8, demo: 2); 0 = load in the main process")
     g.add_argument("--gpu-views", action="store_true",
-                   help="make both views of the whole batch on the training device (gpu_views.py) instead of per "
+                   help="make both views of the whole batch on the training device (adam_cxr/gpu_views.py) instead of per "
                         "sample in the CPU workers: use it when `python bench.py pipeline` shows the workers cannot "
                         "keep the GPU busy; needs a data_prep.py cache (images of one size)")
     g.add_argument("--preset", choices=list(PRESETS), default=None,
@@ -487,7 +487,7 @@ def validate(student, teacher, bank, val_images, level, t, args, fused, device, 
 
 
 # -----------------------------------------------------------------------------
-# 9. Plumbing: devices, the loss path, data sources and loaders (checkpoints and exports: runs.py).
+# 9. Plumbing: devices, the loss path, data sources and loaders (checkpoints and exports: adam_cxr/runs.py).
 
 def setup_devices(args):
     """Returns (device, rank, world). torchrun sets WORLD_SIZE; gloo on CPU, nccl on CUDA. --tf32 on CUDA."""
@@ -549,7 +549,7 @@ def open_data(args, world):
         if not isinstance(train_images, data_prep.CacheImages):
             raise ValueError(f"--gpu-views needs a data_prep.py cache (images of one size); --data {args.data} is a "
                              f"folder: prepare it with `python data_prep.py folder --src {args.data} --out <cache>`")
-        from gpu_views import BatchViews  # imported only for --gpu-views
+        from adam_cxr.gpu_views import BatchViews  # imported only for --gpu-views
         views = BatchViews(args.img_size)
     (h, w), n = train_images[0].shape[1:], max(args.level_list)   # our floor: finest parts >= 1/4 of the view
     if min(h >> (n // 2), w >> ((n + 1) // 2)) < args.img_size / 4:

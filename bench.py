@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 import adam
 import adam_ext
-import runs
+from adam_cxr import runs
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 g = parser.add_argument_group("what to run")

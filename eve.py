@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 import data_prep
 from adam import ARCHS, imagenet_normalise
-from runs import write_atomic
+from adam_cxr.runs import write_atomic
 from finetune import load_backbone  # every checkpoint form finetune.py accepts
 
 WHAT = ("locality", "compositionality", "correspondence")

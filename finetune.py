@@ -40,7 +40,7 @@ from torchvision.transforms import v2
 
 import data_prep
 from adam import ARCHS, imagenet_normalise
-from runs import backbone_file, first_nonfinite, load_checkpoint, write_atomic
+from adam_cxr.runs import backbone_file, first_nonfinite, load_checkpoint, write_atomic
 
 # -----------------------------------------------------------------------------
 # Loading pretrained backbones (shared with eve.py: keep the signature)

@@ -77,7 +77,7 @@ def test_smoke_scale_end_to_end_and_resume(phantom_root, tmp_path, one_thread, c
 
 
 def test_interrupted_pretraining_resumes_from_its_checkpoint(phantom_root, tmp_path, one_thread, monkeypatch):
-    import runs
+    from adam_cxr import runs
     cfg, flags = ablate.SCALES["smoke"], ablate.VARIANTS["adam"][1]
     out = tmp_path / "abl"
     folder = out / "pretrain" / "adam_seed0"

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import torchvision
 
 import adam
-import runs
+from adam_cxr import runs
 from bench import loop_info_nce  # the brute-force reference: docs/METHOD.md §4 one anchor at a time
 from conftest import ROOT, TINY_RUN
 

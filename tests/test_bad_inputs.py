@@ -24,7 +24,7 @@ import adam
 import data_prep as dp
 import eve
 import finetune
-import runs
+from adam_cxr import runs
 from conftest import ROOT, TINY_RUN
 
 # What each script's `if __name__ == "__main__"` turns into one line (argparse errors exit by themselves).

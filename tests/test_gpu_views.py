@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 import adam
-import gpu_views
+from adam_cxr import gpu_views
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import adam
-import monitor
+from adam_cxr import monitor
 from conftest import TINY_RUN
 
 

@@ -14,7 +14,7 @@ import torchvision
 
 import adam
 import finetune
-import runs
+from adam_cxr import runs
 from conftest import ROOT, TINY_RUN
 
 

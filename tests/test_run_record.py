@@ -10,7 +10,7 @@ import torch
 import torchvision
 
 import adam
-import monitor
+from adam_cxr import monitor
 from conftest import ROOT, TINY_RUN
 
 

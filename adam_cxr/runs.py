@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 import data_prep  # the safe-writing pieces shared with the dataset caches: FolderLock, fsync, DiskFull
-import monitor  # curves.png, and the monitor's fields among the TensorBoard scalars
+from adam_cxr import monitor  # curves.png, and the monitor's fields among the TensorBoard scalars
 
 
 def write_atomic(path, write):

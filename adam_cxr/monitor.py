@@ -114,7 +114,7 @@ def collapse_warnings(record, warned):
 def epoch_records(run):
     """runs.read_log(run) in step order, one record per (stage, epoch): a repeated epoch (a resume after a stop
     between the log line and the checkpoint) keeps its last line."""
-    import runs
+    from adam_cxr import runs
     last = {(r["stage"], r["epoch"]): r for r in runs.read_log(run)}
     return sorted(last.values(), key=lambda r: r["step"])
 
@@ -128,7 +128,7 @@ def write_curves(run, threshold):
     """run/curves.png from run/log.jsonl: loss and validation loss, lr, pruned fraction, the similarity
     quantiles against the threshold line, alignment and uniformity; dotted lines end each stage. Without
     matplotlib: one line on stderr and no figure (training does not need it)."""
-    from runs import write_atomic
+    from adam_cxr.runs import write_atomic
     try:
         import matplotlib
         matplotlib.use("Agg")

@@ -66,7 +66,8 @@ def test_readme_is_short():
 
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
 def test_links_resolve(page):
-    assert broken_links(page) == [], f"{page.relative_to(ROOT)}: broken links"
+    bad = broken_links(page)
+    assert not bad, f"{page.relative_to(ROOT)}: " + "; ".join(f"({target}): {why}" for target, why in bad)
 
 
 def test_the_checker_finds_what_is_broken(tmp_path):

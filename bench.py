@@ -287,7 +287,8 @@ def pipeline(argv):
     n = min(own.batches, len(images) // batch - 2)
     if n < 1:
         raise ValueError(f"bench.py pipeline needs at least {3 * batch} images, {images.name} has {len(images)}")
-    loader, _ = adam.make_loader(images, level, args, batch * (n + 2), 1, 0, args.seed, batch)
+    loader, _ = adam.make_loader(images, level, num_samples=batch * (n + 2), seed=args.seed,
+                                 ctx=adam.Context(args, device, views=views))
     it = iter(loader)
     adam.to_views(next(it), views, device), adam.to_views(next(it), views, device)  # warm-up
     t0, c0 = time.perf_counter(), time.process_time()

@@ -217,13 +217,10 @@ class MemoryBank:
 # positive is always kept, so every row has at least one finite logit:
 #   L_i = logsumexp([q_i.k_i, s_ij for kept j] / tau) - q_i.k_i / tau,   loss = mean_i L_i.
 # This is the readable reference: it builds B x K matrices. adam_ext.info_nce (csrc/) computes the
-# same in one pass over the bank without them and is tested against this function.
+# same in one pass over the bank without them and is tested against this function; choose_loss picks one.
 
-def info_nce(q, k, queue, temperature, threshold, fused=False, return_pruned=False):
+def info_nce(q, k, queue, temperature, threshold, return_pruned=False):
     """q, k: B x D, queue: K x D, all unit norm. threshold None = no pruning. Mean loss (0-dim)."""
-    if fused:
-        import adam_ext
-        return adam_ext.info_nce(q, k, queue, temperature, threshold, return_pruned=return_pruned)
     l_pos = (q * k).sum(dim=1, keepdim=True)                       # B x 1
     s = q @ queue.t()                                              # B x K
     pruned = s.detach() >= threshold if threshold is not None else torch.zeros_like(s, dtype=torch.bool)
@@ -306,11 +303,11 @@ def main(argv=None):
     bank = MemoryBank(args.queue_size, args.dim, device, torch.Generator().manual_seed(args.seed))
     model = nn.parallel.DistributedDataParallel(student, device_ids=[device] if cuda else None) \
         if world > 1 else student
-    fused = choose_loss(args.loss, device, say)
-    ctx = Context(args, device, rank, world, views, fused)         # what the loaders and validate() share
+    criterion = choose_loss(args.loss, device, say)                # info_nce, or the fused op that matches it
+    ctx = Context(args, device, rank, world, views, criterion)     # what the loaders and validate() share
     lr = args.lr * args.batch_size / 256                           # linear scaling rule
     start_stage, start_epoch, step, ckpt = runs.resume(args, student, teacher, bank, say)
-    run = runs.RunFolder(args, fused, rank == 0, ckpt)              # OUT: args.json, log, checkpoints, exports
+    run = runs.RunFolder(args, loss_record(criterion), rank == 0, ckpt)  # OUT: args.json, log, checkpoints
     steps_per_epoch = min(len(train_images) // args.batch_size, args.steps_per_epoch or math.inf)
     total_steps = len(args.level_list) * args.epochs * steps_per_epoch
     mon = monitor.Monitor(args.threshold, steps_per_epoch)        # similarities on a few anchors, a few steps
@@ -346,7 +343,7 @@ def main(argv=None):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                     q = model(x_q)                                         # B x D
                     k = teacher_keys(teacher, x_k, groups)                 # B x D, no grad
-                loss, pruned = info_nce(q, k, bank.queue, args.temperature, t, fused=fused, return_pruned=True)
+                loss, pruned = criterion(q, k, bank.queue, args.temperature, t, return_pruned=True)  # section 6
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -396,7 +393,7 @@ def validate(student, teacher, bank, val_images, level, t, *, ctx):
         x_q, x_k = to_views(item, ctx.views, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             q, k = student(x_q), teacher(x_k)
-        total += info_nce(q, k, bank.queue, args.temperature, t, fused=ctx.fused)
+        total += ctx.criterion(q, k, bank.queue, args.temperature, t)
     if dist.is_initialized():
         dist.all_reduce(total)
     return total.item() / (n * world)
@@ -504,7 +501,7 @@ class Context:
     rank: int = 0                  # this process among world (torchrun)
     world: int = 1
     views: object = None           # BatchViews for --gpu-views; None: the loader's workers make the views
-    fused: bool = False            # the loss path (choose_loss)
+    criterion: object = None       # the loss function (choose_loss): info_nce or the fused op
 
     @property
     def batch(self):               # per process
@@ -540,16 +537,27 @@ def all_gather(x):
 
 
 def choose_loss(flag, device, say):
-    """--loss auto|fused|torch -> use the fused op? adam_ext decides: it knows what it was built for, and it
-    checks its kernels against info_nce on this device first (adam_ext/selfcheck.py)."""
+    """--loss auto|fused|torch -> the loss function: info_nce (section 6) or the fused op adam_ext.info_nce. adam_ext
+    decides: it knows what it was built for, and it checks its kernels against info_nce on this device first
+    (adam_ext/selfcheck.py)."""
     try:
         import adam_ext
     except ImportError as e:  # an install without the op's package: the reference is the whole method
         if flag == "fused":
             raise ValueError(f"--loss fused: adam_ext is not importable ({e}); use --loss torch") from None
         say(f"loss: pure-PyTorch reference ({flag}; adam_ext not importable: {e})")
-        return False
+        return info_nce
     return adam_ext.choose_path(flag, device, reference=info_nce, say=say)
+
+
+def loss_record(criterion):
+    """For args.json (adam_cxr/runs.py): which loss function trains, and what the fused op was built for."""
+    try:
+        import adam_ext
+        build = adam_ext.build_info()
+    except ImportError as e:
+        build = f"not importable ({e})"
+    return {"loss": "pure-PyTorch reference" if criterion is info_nce else "fused adam_ext op", "adam_ext": build}
 
 
 def open_data(args, world):

@@ -53,9 +53,9 @@ import adam
 import data_prep
 import eve
 import finetune
-from adam_cxr import monitor
-from finetune import paired_test, summarize
+from adam_cxr import monitor, runs
 from adam_cxr.runs import write_atomic
+from finetune import paired_test, summarize
 
 VARIANTS = {  # key -> (name in tables, adam.py flags); None = no pretraining
     "adam": ("Adam", ["--levels", "0,2,4"]),
@@ -133,7 +133,7 @@ def pretrain(key, flags, seed, cfg, root, out, max_spe):
         shutil.rmtree(folder)                                    # stopped before its first checkpoint: start again
     t0 = time.time()
     summary = adam.main(argv)
-    log = monitor.epoch_records(folder)
+    log = runs.epoch_records(folder)
     return dict(kind="pretrain", variant=key, seed=seed, out=str(folder), argv=argv, stages=len(levels),
                 epochs=epochs, steps_per_epoch=spe, steps=log[-1]["step"], wall_s=round(time.time() - t0, 1),
                 backbones=summary["backbones"], last_epoch=log[-1], last_epoch_per_stage=monitor.stage_ends(log))

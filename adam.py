@@ -5,7 +5,7 @@ Adam: autodidactic dense anatomical models, the whole pretraining method in one 
     Imaging via Self-Supervision". MICCAI 2023 DART (arXiv 2309.15358).
 
 Sections, in the order of the paper (Sect. 2, Fig. 2; the method's spec is docs/METHOD.md):
-  1. configuration          argparse; defaults = the paper's and the authors' release
+  1. settings               PRESETS: the paper's (= the authors' release) and the CPU demo's; ARCHS
   2. Anatomy Decomposer     anatomy_parts(): level n -> 2^n boxes that tile the image
   3. views                  two augmented views of one random part per image; the part sampler
   4. encoder + EMA          student f_theta, h_theta; teacher f_xi, h_xi = EMA of the student
@@ -13,7 +13,8 @@ Sections, in the order of the paper (Sect. 2, Fig. 2; the method's spec is docs/
   6. Purposive Pruner + InfoNCE   info_nce(): drop bank entries too similar to the anchor, then contrast
   7. teacher keys           shuffle BN: split BatchNorm in one process, a batch shuffle across processes
   8. training               main(): one stage per level (0 -> 2 -> 4) and the training step; validate()
-  9. plumbing               devices, loss path, data, loaders (the run folder, checkpoints, export: adam_cxr/runs.py)
+  9. configuration          parse_args(): the command line, grouped flags; unset flags come from the preset
+ 10. plumbing               devices, loss path, data, loaders (the run folder, checkpoints, export: adam_cxr/runs.py)
 
 `python adam.py` runs the CPU demo on procedurally generated chest phantoms (preset "demo");
 `python adam.py --data chestxray14` runs the paper's recipe (preset "paper"); `torchrun` runs it on
@@ -25,6 +26,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 # OpenMP threads that spin while they wait take the cores from DataLoader workers and other processes
@@ -45,7 +47,7 @@ from adam_cxr import runs  # the run folder: args.json, log.jsonl, checkpoints, 
 from data_prep import DataError  # bad input data, named with its file
 
 # -----------------------------------------------------------------------------
-# 1. Configuration. Flags left at None take their value from the preset: "paper" reproduces the
+# 1. Settings. Flags left at None take their value from a preset (section 9): "paper" reproduces the
 # authors' settings (docs/METHOD.md §3-5), "demo" is a CPU-sized run of the same method.
 
 PRESETS = {
@@ -59,93 +61,6 @@ PRESETS = {
 }
 # The backbones every script accepts (adam.py, finetune.py, eve.py): torchvision's ResNets.
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None: those flags come from the preset, and their help names its values."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def parse_args(argv=None):
-    p = runs.Parser(description="Adam pretraining: coarse-to-fine contrastive learning of anatomy (MICCAI 2023).",
-                    formatter_class=HelpFormatter)
-    n0, n1 = runs.number(int, 0), runs.number(int, 1)               # argparse types: flags checked when parsed
-    real, unit = runs.number(float, 0, 1e30), runs.number(float, 0, 1)   # 1e30: scaled, still a float32
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default="phantom", help="'phantom' (generated on first use), 'chestxray14', 'eyepacs' "
-                   "(caches made by data_prep.py), a cache folder, or any folder of PNG/JPEG images")
-    g.add_argument("--data-root", default=None, help="where a named dataset lives (default data/<name>)")
-    g.add_argument("--phantom-images", type=n1, default=1000, help="phantoms to generate when data/phantom is missing")
-    g.add_argument("--workers", type=n0, default=None,
-                   help="DataLoader workers per process (paper: 8, demo: 2); 0 = load in the main process")
-    g.add_argument("--gpu-views", action="store_true",
-                   help="make both views of the whole batch on the training device (adam_cxr/gpu_views.py) instead of per "
-                        "sample in the CPU workers: use it when `python bench.py pipeline` shows the workers cannot "
-                        "keep the GPU busy; needs a data_prep.py cache (images of one size)")
-    g.add_argument("--preset", choices=list(PRESETS), default=None,
-                   help="fills every flag left unset; default: 'demo' for --data phantom, else 'paper'")
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", default=None, choices=ARCHS, metavar="ARCH",
-                   help=f"backbone: {', '.join(ARCHS)} (paper: resnet50)")
-    g.add_argument("--img-size", type=runs.number(int, 16), default=None, help="side of each view (paper: 224)")
-    g.add_argument("--dim", type=n1, default=128, help="embedding size D of q, k and the bank")
-    g.add_argument("--bn-groups", type=n1, default=None, help="shuffle BN: BatchNorm over G groups of each process's "
-                   "batch, regrouped for the teacher (default: 64 images a group as the authors' GPUs; 1 = plain BN)")
-    g = p.add_argument_group("method (paper Sect. 2)")
-    g.add_argument("--levels", type=runs.levels, default="0,2,4",
-                   help="granularity levels, one stage each, coarse to fine; '0' alone = MoCo-v2 (no AD)")
-    g.add_argument("--queue-size", type=n1, default=None, help="bank size K (paper: 65536)")
-    g.add_argument("--temperature", type=runs.number(float, 0, low_open=True), default=0.2,
-                   help="tau of InfoNCE (MoCo-v2: 0.2)")
-    g.add_argument("--threshold", type=runs.threshold, default=0.8, help="Purposive Pruner: bank entries with cosine "
-                   ">= t to the anchor are dropped; t in (-1, 1]; 1 or 'off' disables the pruner (ablation 'no PP')")
-    g.add_argument("--prune-every-level", action="store_true",
-                   help="prune at level 0 too (the authors' code prunes only at levels > 0)")
-    g.add_argument("--momentum-ema", type=unit, default=None, help="teacher EMA m (paper: 0.999)")
-    g.add_argument("--loss", choices=["auto", "fused", "torch"], default="auto",
-                   help="'fused' = the C++/CUDA op of adam_ext, 'torch' = the readable reference; "
-                        "'auto' picks fused when it is built")
-    g.add_argument("--tf32", action="store_true",
-                   help="CUDA: allow TF32 in float32 matmuls, so the loss's bank products run on tensor cores "
-                        "(the fused op's tc kernel, or cuBLAS for --loss torch); off: the loss stays exact fp32")
-    g = p.add_argument_group("optimisation (authors' code: SGD, cosine per stage)")
-    g.add_argument("--epochs", type=n1, default=None, help="epochs per stage (paper: 200)")
-    g.add_argument("--steps-per-epoch", type=n1, default=None,
-                   help="cap on steps per epoch, for smoke runs (default: the whole train split)")
-    g.add_argument("--batch-size", type=n1, default=None, help="global batch over all processes (paper: 256)")
-    g.add_argument("--lr", type=real, default=None, help="learning rate for batch 256, scaled linearly (paper: 0.03)")
-    g.add_argument("--wd", type=real, default=1e-4, help="weight decay")
-    g.add_argument("--momentum", type=unit, default=0.9, help="SGD momentum")
-    g.add_argument("--val-steps", type=n0, default=None,
-                   help="validation batches per epoch (no teacher/bank update); 0 = off, default all")
-    g = p.add_argument_group("run")
-    g.add_argument("--device", type=runs.device, default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--out", default="runs/adam", help="run folder: checkpoint.pth, log.jsonl, backbones")
-    g.add_argument("--resume", default=None,
-                   help="run folder to continue from; flags you pass again override the saved ones")
-    g.add_argument("--overwrite", action="store_true", help="replace the run that --out holds (its files are deleted)")
-    g.add_argument("--print-freq", type=n1, default=None, help="progress line every N steps")
-    g.add_argument("--tensorboard", action="store_true",
-                   help="also write TensorBoard scalars (loss, lr, pruned fraction, val loss, images/s) to OUT/tb; "
-                        "needs the tensorboard package (pip install tensorboard)")
-    args = p.parse_args(argv)
-    if args.resume:  # the saved flags become the defaults; what the user passes again wins
-        ckpt = runs.load_checkpoint(Path(args.resume) / "checkpoint.pth", keys=runs.CHECKPOINT_KEYS)
-        p.set_defaults(**{k: v for k, v in ckpt["args"].items() if k not in ("resume", "out", "overwrite")})
-        args = p.parse_args(argv)
-        given = sys.argv[1:] if argv is None else argv
-        args.out = args.out if "--out" in given else args.resume
-    preset = PRESETS[args.preset or ("demo" if args.data == "phantom" else "paper")]
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.level_list = [int(n) for n in str(args.levels).split(",")]
-    if args.resume:  # the saved run must fit: arch, dim, K, the levels and epochs it has done
-        runs.check_resume(args, ckpt)
-    return args
 
 
 # -----------------------------------------------------------------------------
@@ -302,13 +217,10 @@ class MemoryBank:
 # positive is always kept, so every row has at least one finite logit:
 #   L_i = logsumexp([q_i.k_i, s_ij for kept j] / tau) - q_i.k_i / tau,   loss = mean_i L_i.
 # This is the readable reference: it builds B x K matrices. adam_ext.info_nce (csrc/) computes the
-# same in one pass over the bank without them and is tested against this function.
+# same in one pass over the bank without them and is tested against this function; choose_loss picks one.
 
-def info_nce(q, k, queue, temperature, threshold, fused=False, return_pruned=False):
+def info_nce(q, k, queue, temperature, threshold, return_pruned=False):
     """q, k: B x D, queue: K x D, all unit norm. threshold None = no pruning. Mean loss (0-dim)."""
-    if fused:
-        import adam_ext
-        return adam_ext.info_nce(q, k, queue, temperature, threshold, return_pruned=return_pruned)
     l_pos = (q * k).sum(dim=1, keepdim=True)                       # B x 1
     s = q @ queue.t()                                              # B x K
     pruned = s.detach() >= threshold if threshold is not None else torch.zeros_like(s, dtype=torch.bool)
@@ -391,10 +303,11 @@ def main(argv=None):
     bank = MemoryBank(args.queue_size, args.dim, device, torch.Generator().manual_seed(args.seed))
     model = nn.parallel.DistributedDataParallel(student, device_ids=[device] if cuda else None) \
         if world > 1 else student
-    fused = choose_loss(args.loss, device, say)
+    criterion = choose_loss(args.loss, device, say)                # info_nce, or the fused op that matches it
+    ctx = Context(args, device, rank, world, views, criterion)     # what the loaders and validate() share
     lr = args.lr * args.batch_size / 256                           # linear scaling rule
     start_stage, start_epoch, step, ckpt = runs.resume(args, student, teacher, bank, say)
-    run = runs.RunFolder(args, fused, rank == 0, ckpt)              # OUT: args.json, log, checkpoints, exports
+    run = runs.RunFolder(args, loss_record(criterion), rank == 0, ckpt)  # OUT: args.json, log, checkpoints
     steps_per_epoch = min(len(train_images) // args.batch_size, args.steps_per_epoch or math.inf)
     total_steps = len(args.level_list) * args.epochs * steps_per_epoch
     mon = monitor.Monitor(args.threshold, steps_per_epoch)        # similarities on a few anchors, a few steps
@@ -412,7 +325,7 @@ def main(argv=None):
         optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.wd)
         if ckpt is not None and stage == ckpt["stage"] and start_epoch > 0:
             optimizer.load_state_dict(ckpt["optimizer"])
-        loader, sampler = make_loader(train_images, level, args, steps_per_epoch * batch, world, rank, args.seed, batch)
+        loader, sampler = make_loader(train_images, level, num_samples=steps_per_epoch * batch, seed=args.seed, ctx=ctx)
         stage_log = {"level": level, "threshold": t, "losses": [], "epochs": []}
         summary["stages"].append(stage_log)
         say(f"== stage {stage + 1}/{len(args.level_list)}: level {level} "
@@ -430,7 +343,7 @@ def main(argv=None):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                     q = model(x_q)                                         # B x D
                     k = teacher_keys(teacher, x_k, groups)                 # B x D, no grad
-                loss, pruned = info_nce(q, k, bank.queue, args.temperature, t, fused=fused, return_pruned=True)
+                loss, pruned = criterion(q, k, bank.queue, args.temperature, t, return_pruned=True)  # section 6
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -453,8 +366,7 @@ def main(argv=None):
             record = {"stage": stage, "level": level, "epoch": epoch + 1, "step": step,
                       "loss": loss_sum / steps_per_epoch, "lr": epoch_lr, "pruned": pruned_sum / steps_per_epoch,
                       "images_per_s": steps_per_epoch * args.batch_size / (time.time() - t_epoch),
-                      "val_loss": validate(student, teacher, bank, val_images, level, t, args, fused,
-                                           device, world, rank, batch, views), **mon.summary()}
+                      "val_loss": validate(student, teacher, bank, val_images, level, t, ctx=ctx), **mon.summary()}
             stage_log["epochs"].append(record)
             run.end_of_epoch(record, student, teacher, bank, optimizer, summary)
         losses = [e["loss"] for e in stage_log["epochs"]] or [float("nan")]
@@ -465,29 +377,136 @@ def main(argv=None):
 
 
 @torch.no_grad()
-def validate(student, teacher, bank, val_images, level, t, args, fused, device, world, rank, batch, views=None):
-    """Mean loss on the validation split at this level; no EMA, no enqueue (the authors' validation also
-    updated the teacher and the bank, docs/METHOD.md §5; we do not). The same crops every epoch."""
-    if val_images is None or len(val_images) < batch * world:
+def validate(student, teacher, bank, val_images, level, t, *, ctx):
+    """Mean loss on the validation split at this level, pruner threshold t; no EMA, no enqueue (the authors'
+    validation also updated the teacher and the bank, docs/METHOD.md §5; we do not). The same crops every epoch."""
+    args, device, world = ctx.args, ctx.device, ctx.world
+    if val_images is None or len(val_images) < ctx.batch * world:
         return None
-    n = len(val_images) // (batch * world)
+    n = len(val_images) // (ctx.batch * world)
     n = min(n, args.val_steps) if args.val_steps else n
-    loader, sampler = make_loader(val_images, level, args, n * batch, world, rank, args.seed + 1, batch)
+    loader, sampler = make_loader(val_images, level, num_samples=n * ctx.batch, seed=args.seed + 1, ctx=ctx)
     student.eval()
     teacher.eval()
     total = torch.zeros((), device=device)
     for item in loader:
-        x_q, x_k = to_views(item, views, device)
+        x_q, x_k = to_views(item, ctx.views, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             q, k = student(x_q), teacher(x_k)
-        total += info_nce(q, k, bank.queue, args.temperature, t, fused=fused)
+        total += ctx.criterion(q, k, bank.queue, args.temperature, t)
     if dist.is_initialized():
         dist.all_reduce(total)
     return total.item() / (n * world)
 
 
 # -----------------------------------------------------------------------------
-# 9. Plumbing: devices, the loss path, data sources and loaders (checkpoints and exports: adam_cxr/runs.py).
+# 9. Configuration: the command line. Flags left at None take their value from the preset (section 1); the
+# argparse types of adam_cxr/runs.py check each flag when it is parsed.
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None: those flags come from the preset, and their help names its values."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def parse_args(argv=None):
+    p = runs.Parser(description="Adam pretraining: coarse-to-fine contrastive learning of anatomy (MICCAI 2023).",
+                    formatter_class=HelpFormatter)
+    n0, n1 = runs.number(int, 0), runs.number(int, 1)               # argparse types: flags checked when parsed
+    real, unit = runs.number(float, 0, 1e30), runs.number(float, 0, 1)   # 1e30: scaled, still a float32
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="phantom", help="'phantom' (generated on first use), 'chestxray14', 'eyepacs' "
+                   "(caches made by data_prep.py), a cache folder, or any folder of PNG/JPEG images")
+    g.add_argument("--data-root", default=None, help="where a named dataset lives (default data/<name>)")
+    g.add_argument("--phantom-images", type=n1, default=1000, help="phantoms to generate when data/phantom is missing")
+    g.add_argument("--workers", type=n0, default=None,
+                   help="DataLoader workers per process (paper: 8, demo: 2); 0 = load in the main process")
+    g.add_argument("--gpu-views", action="store_true",
+                   help="make both views of the whole batch on the training device (adam_cxr/gpu_views.py) instead of per "
+                        "sample in the CPU workers: use it when `python bench.py pipeline` shows the workers cannot "
+                        "keep the GPU busy; needs a data_prep.py cache (images of one size)")
+    g.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="fills every flag left unset; default: 'demo' for --data phantom, else 'paper'")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default=None, choices=ARCHS, metavar="ARCH",
+                   help=f"backbone: {', '.join(ARCHS)} (paper: resnet50)")
+    g.add_argument("--img-size", type=runs.number(int, 16), default=None, help="side of each view (paper: 224)")
+    g.add_argument("--dim", type=n1, default=128, help="embedding size D of q, k and the bank")
+    g.add_argument("--bn-groups", type=n1, default=None, help="shuffle BN: BatchNorm over G groups of each process's "
+                   "batch, regrouped for the teacher (default: 64 images a group as the authors' GPUs; 1 = plain BN)")
+    g = p.add_argument_group("method (paper Sect. 2)")
+    g.add_argument("--levels", type=runs.levels, default="0,2,4",
+                   help="granularity levels, one stage each, coarse to fine; '0' alone = MoCo-v2 (no AD)")
+    g.add_argument("--queue-size", type=n1, default=None, help="bank size K (paper: 65536)")
+    g.add_argument("--temperature", type=runs.number(float, 0, low_open=True), default=0.2,
+                   help="tau of InfoNCE (MoCo-v2: 0.2)")
+    g.add_argument("--threshold", type=runs.threshold, default=0.8, help="Purposive Pruner: bank entries with cosine "
+                   ">= t to the anchor are dropped; t in (-1, 1]; 1 or 'off' disables the pruner (ablation 'no PP')")
+    g.add_argument("--prune-every-level", action="store_true",
+                   help="prune at level 0 too (the authors' code prunes only at levels > 0)")
+    g.add_argument("--momentum-ema", type=unit, default=None, help="teacher EMA m (paper: 0.999)")
+    g.add_argument("--loss", choices=["auto", "fused", "torch"], default="auto",
+                   help="'fused' = the C++/CUDA op of adam_ext, 'torch' = the readable reference; "
+                        "'auto' picks fused when it is built")
+    g.add_argument("--tf32", action="store_true",
+                   help="CUDA: allow TF32 in float32 matmuls, so the loss's bank products run on tensor cores "
+                        "(the fused op's tc kernel, or cuBLAS for --loss torch); off: the loss stays exact fp32")
+    g = p.add_argument_group("optimisation (authors' code: SGD, cosine per stage)")
+    g.add_argument("--epochs", type=n1, default=None, help="epochs per stage (paper: 200)")
+    g.add_argument("--steps-per-epoch", type=n1, default=None,
+                   help="cap on steps per epoch, for smoke runs (default: the whole train split)")
+    g.add_argument("--batch-size", type=n1, default=None, help="global batch over all processes (paper: 256)")
+    g.add_argument("--lr", type=real, default=None, help="learning rate for batch 256, scaled linearly (paper: 0.03)")
+    g.add_argument("--wd", type=real, default=1e-4, help="weight decay")
+    g.add_argument("--momentum", type=unit, default=0.9, help="SGD momentum")
+    g.add_argument("--val-steps", type=n0, default=None,
+                   help="validation batches per epoch (no teacher/bank update); 0 = off, default all")
+    g = p.add_argument_group("run")
+    g.add_argument("--device", type=runs.device, default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", default="runs/adam", help="run folder: checkpoint.pth, log.jsonl, backbones")
+    g.add_argument("--resume", default=None,
+                   help="run folder to continue from; flags you pass again override the saved ones")
+    g.add_argument("--overwrite", action="store_true", help="replace the run that --out holds (its files are deleted)")
+    g.add_argument("--print-freq", type=n1, default=None, help="progress line every N steps")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard scalars (loss, lr, pruned fraction, val loss, images/s) to OUT/tb; "
+                        "needs the tensorboard package (pip install tensorboard)")
+    args = p.parse_args(argv)
+    if args.resume:  # the saved flags become the defaults; what the user passes again wins
+        ckpt = runs.load_checkpoint(Path(args.resume) / "checkpoint.pth", keys=runs.CHECKPOINT_KEYS)
+        p.set_defaults(**{k: v for k, v in ckpt["args"].items() if k not in ("resume", "out", "overwrite")})
+        args = p.parse_args(argv)
+        given = sys.argv[1:] if argv is None else argv
+        args.out = args.out if "--out" in given else args.resume
+    preset = PRESETS[args.preset or ("demo" if args.data == "phantom" else "paper")]
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.level_list = [int(n) for n in str(args.levels).split(",")]
+    if args.resume:  # the saved run must fit: arch, dim, K, the levels and epochs it has done
+        runs.check_resume(args, ckpt)
+    return args
+
+
+# -----------------------------------------------------------------------------
+# 10. Plumbing: devices, the loss path, data sources and loaders (checkpoints and exports: adam_cxr/runs.py).
+
+@dataclass
+class Context:
+    """What the training step, validate() and the loaders share, built once in main() (and by bench.py pipeline)."""
+    args: argparse.Namespace       # the flags (parse_args)
+    device: torch.device
+    rank: int = 0                  # this process among world (torchrun)
+    world: int = 1
+    views: object = None           # BatchViews for --gpu-views; None: the loader's workers make the views
+    criterion: object = None       # the loss function (choose_loss): info_nce or the fused op
+
+    @property
+    def batch(self):               # per process
+        return self.args.batch_size // self.world
+
 
 def setup_devices(args):
     """Returns (device, rank, world). torchrun sets WORLD_SIZE; gloo on CPU, nccl on CUDA. --tf32 on CUDA."""
@@ -518,16 +537,27 @@ def all_gather(x):
 
 
 def choose_loss(flag, device, say):
-    """--loss auto|fused|torch -> use the fused op? adam_ext decides: it knows what it was built for, and it
-    checks its kernels against info_nce on this device first (adam_ext/selfcheck.py)."""
+    """--loss auto|fused|torch -> the loss function: info_nce (section 6) or the fused op adam_ext.info_nce. adam_ext
+    decides: it knows what it was built for, and it checks its kernels against info_nce on this device first
+    (adam_ext/selfcheck.py)."""
     try:
         import adam_ext
     except ImportError as e:  # an install without the op's package: the reference is the whole method
         if flag == "fused":
             raise ValueError(f"--loss fused: adam_ext is not importable ({e}); use --loss torch") from None
         say(f"loss: pure-PyTorch reference ({flag}; adam_ext not importable: {e})")
-        return False
+        return info_nce
     return adam_ext.choose_path(flag, device, reference=info_nce, say=say)
+
+
+def loss_record(criterion):
+    """For args.json (adam_cxr/runs.py): which loss function trains, and what the fused op was built for."""
+    try:
+        import adam_ext
+        build = adam_ext.build_info()
+    except ImportError as e:
+        build = f"not importable ({e})"
+    return {"loss": "pure-PyTorch reference" if criterion is info_nce else "fused adam_ext op", "adam_ext": build}
 
 
 def open_data(args, world):
@@ -560,11 +590,13 @@ def open_data(args, world):
     return train_images, val, views
 
 
-def make_loader(images, level, args, num_samples, world, rank, seed, batch):
+def make_loader(images, level, *, num_samples, seed, ctx):
+    """(DataLoader, PartSampler) of num_samples (index, seed) samples of this process's shard at this level."""
+    args = ctx.args
     dataset = AdamViews(images, level, args.img_size, args.gpu_views)
-    sampler = PartSampler(len(images), num_samples, seed, rank, world)
+    sampler = PartSampler(len(images), num_samples, seed, ctx.rank, ctx.world)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch, sampler=sampler, num_workers=args.workers, drop_last=True,
+        dataset, batch_size=ctx.batch, sampler=sampler, num_workers=args.workers, drop_last=True,
         pin_memory=torch.cuda.is_available(), persistent_workers=args.workers > 0,
         prefetch_factor=4 if args.workers > 0 else None)
     return loader, sampler

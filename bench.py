@@ -2,6 +2,7 @@
 
   python bench.py [flags]                   the loss paths below, as a table (BENCHMARKS.md)
   python bench.py pipeline [adam.py flags]  images/s of the input pipeline alone (see pipeline())
+  python bench.py selfcheck [--device cuda] the fused op against adam.info_nce, every kernel (see selfcheck())
 
 The loss, three ways to compute the same number:
   torch  - adam.info_nce, the readable pure-PyTorch reference (builds B x K matrices)
@@ -287,7 +288,8 @@ def pipeline(argv):
     n = min(own.batches, len(images) // batch - 2)
     if n < 1:
         raise ValueError(f"bench.py pipeline needs at least {3 * batch} images, {images.name} has {len(images)}")
-    loader, _ = adam.make_loader(images, level, args, batch * (n + 2), 1, 0, args.seed, batch)
+    loader, _ = adam.make_loader(images, level, num_samples=batch * (n + 2), seed=args.seed,
+                                 ctx=adam.Context(args, device, views=views))
     it = iter(loader)
     adam.to_views(next(it), views, device), adam.to_views(next(it), views, device)  # warm-up
     t0, c0 = time.perf_counter(), time.process_time()
@@ -303,10 +305,50 @@ def pipeline(argv):
     return rate
 
 
+def selfcheck(argv):
+    """`bench.py selfcheck [--device cuda] [--scale full]`: the fused op against adam.info_nce on one device, every
+    kernel variant (adam_ext/selfcheck.py; the smoke test of a GPU machine, gpu_check.sh). Exit status 1 when a
+    case disagrees."""
+    p = argparse.ArgumentParser(prog="bench.py selfcheck", description=selfcheck.__doc__)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--scale", default="full", choices=["quick", "sanitize", "small", "full"],
+                   help="quick: the start-of-training check; sanitize: one multi-tile case per kernel (for "
+                        "compute-sanitizer racecheck/initcheck); small: every variant, small multi-tile shapes; "
+                        "full: every variant plus the benchmark's multi-tile shapes")
+    p.add_argument("--seed", type=int, default=None, help="input seed (default: fresh, printed)")
+    p.add_argument("--no-profile", action="store_true", help="do not record which CUDA kernel ran (torch.profiler)")
+    p.add_argument("--json", default="", help="write every result to this JSON file")
+    p.add_argument("--md", default="", help="write a markdown table to this file")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench.py selfcheck: --device cuda, but torch sees no GPU; use --device cpu")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    t0 = time.perf_counter()
+    results = adam_ext.self_check(device, adam.info_nce, scale=args.scale, seed=args.seed,
+                                  profile=not args.no_profile, force=True)
+    took = time.perf_counter() - t0
+    for r in results:
+        status = "skip" if r.get("skipped") else ("ok  " if r["ok"] else "FAIL")
+        print(f"{status} {r['case']:<60} ran {r.get('ran', '-'):<7} {r['message']}")
+    md = adam_ext.selfcheck.fmt_markdown(results, f"{name} ({adam_ext.build_info()}, torch {torch.__version__})")
+    for path, text in ((args.json, json.dumps(results, indent=1, default=str)), (args.md, md)):
+        if path:
+            runs.write_atomic(path, lambda tmp: tmp.write_text(text))
+    n_bad = sum(not r["ok"] for r in results)
+    print(f"{len(results) - n_bad}/{len(results)} cases match adam.info_nce on {name} in {took:.1f} s "
+          f"(seed {results[0]['seed'] if results else '-'})")
+    if n_bad:
+        sys.exit(f"bench.py selfcheck: {n_bad} of {len(results)} cases disagree with adam.info_nce on {name}")
+    return results
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["pipeline"]:
         return pipeline(argv[1:])
+    if argv[:1] == ["selfcheck"]:
+        return selfcheck(argv[1:])
     args = parser.parse_args(argv)
     if args._mem:
         torch.set_num_threads(args.threads or torch.get_num_threads())

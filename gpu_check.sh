@@ -8,7 +8,7 @@
 # Stages, in order of value:
 #   env       GPU, driver, python/torch versions, which tools exist
 #   build     setup.py build_ext --inplace for this GPU's arch only, all cores
-#   smoke     python -m adam_ext.selfcheck --scale full: every kernel variant (simple f32/f64/bf16/f16, tiled and
+#   smoke     python bench.py selfcheck --scale full: every kernel variant (simple f32/f64/bf16/f16, tiled and
 #             tc at each D they serve, gradient term on and off, blocks that walk many bank tiles, the misaligned
 #             fallback, a NaN bank row) against float64 adam.info_nce; torch.profiler records the kernel that ran
 #   test      tests/test_fused_op.py on CUDA (every kernel; multi-tile shapes)
@@ -115,7 +115,7 @@ for stage in "${STAGES[@]}"; do
     fi
     ;;
   smoke)
-    step smoke 120 $PY -m adam_ext --device $DEV --scale full --json "$WORK/selfcheck.json" --md "$WORK/selfcheck.md"
+    step smoke 120 $PY bench.py selfcheck --device $DEV --scale full --json "$WORK/selfcheck.json" --md "$WORK/selfcheck.md"
     ;;
   test)
     if [ $DRY = 1 ]; then skip test "dry run: the CUDA tests need a GPU (CI runs the CPU ones)"; else
@@ -137,7 +137,7 @@ for stage in "${STAGES[@]}"; do
         *) scale=sanitize; extra="" ;;
         esac
         step "$tool" 120 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$CS" --tool $tool $FILTER $extra --error-exitcode 1 \
-          $PY -m adam_ext --device cuda --scale $scale --no-profile
+          $PY bench.py selfcheck --device cuda --scale $scale --no-profile
       done
     fi
     ;;

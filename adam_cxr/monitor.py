@@ -24,7 +24,6 @@ product on every step, i.e. exact; on long epochs the estimates pool 512-992 anc
 """
 import math
 import sys
-from pathlib import Path
 
 import torch
 
@@ -111,38 +110,29 @@ def collapse_warnings(record, warned):
                      f"bank entries, not images apart (README: Ablations)")
     return lines
 
-def epoch_records(run):
-    """runs.read_log(run) in step order, one record per (stage, epoch): a repeated epoch (a resume after a stop
-    between the log line and the checkpoint) keeps its last line."""
-    from adam_cxr import runs
-    last = {(r["stage"], r["epoch"]): r for r in runs.read_log(run)}
-    return sorted(last.values(), key=lambda r: r["step"])
-
 
 def stage_ends(records):
     """The last record of every stage (records in step order)."""
     return [r for r, nxt in zip(records, records[1:] + [None]) if nxt is None or nxt["stage"] != r["stage"]]
 
 
-def write_curves(run, threshold):
-    """run/curves.png from run/log.jsonl: loss and validation loss, lr, pruned fraction, the similarity
-    quantiles against the threshold line, alignment and uniformity; dotted lines end each stage. Without
-    matplotlib: one line on stderr and no figure (training does not need it)."""
-    from adam_cxr.runs import write_atomic
+def curves_figure(records, threshold):
+    """The run's figure (OUT/curves.png, written by runs.write_curves) from its epoch records in step order: loss and
+    validation loss, lr, pruned fraction, the similarity quantiles against the threshold line, alignment and
+    uniformity; dotted lines end each stage. A matplotlib Figure, or None without records or without matplotlib
+    (then one line on stderr: training does not need it)."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure to close
     except ImportError as e:
         print(f"curves.png skipped: matplotlib is not importable ({e}); log.jsonl has the numbers",
               file=sys.stderr)
         return None
-    records = epoch_records(run)
     if not records:
         return None
     step = [r["step"] for r in records]
     col = lambda key, scale=1: [r[key] * scale if r.get(key) is not None else float("nan") for r in records]
-    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
+    fig = Figure(figsize=(15, 7.5))
+    axes = fig.subplots(2, 3)
     (a_loss, a_lr, a_pr), (a_sim, a_al, a_un) = axes
     a_loss.plot(step, col("loss"), "o-", ms=3, label="train loss")
     a_loss.plot(step, col("val_loss"), "s--", ms=3, label="val loss")
@@ -170,6 +160,4 @@ def write_curves(run, threshold):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    out = write_atomic(Path(run) / "curves.png", lambda p: fig.savefig(p, format="png", dpi=90))
-    plt.close(fig)
-    return out
+    return fig

@@ -175,6 +175,20 @@ def read_log(run):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+def epoch_records(run):
+    """read_log(run) in step order, one record per (stage, epoch): a repeated epoch (a resume after a stop between
+    the log line and the checkpoint) keeps its last line."""
+    last = {(r["stage"], r["epoch"]): r for r in read_log(run)}
+    return sorted(last.values(), key=lambda r: r["step"])
+
+
+def write_curves(run, threshold):
+    """run/curves.png from run/log.jsonl (the monitor's figure); None when there is nothing to draw."""
+    fig = monitor.curves_figure(epoch_records(run), threshold)
+    return None if fig is None else write_atomic(Path(run) / "curves.png",
+                                                 lambda p: fig.savefig(p, format="png", dpi=90))
+
+
 def resume(args, student, teacher, bank, say):
     """--resume: the last checkpoint's student, teacher, bank and RNG state -> (stage, epoch, step, checkpoint)
     to continue from; (0, 0, 0, None) for a fresh run. The optimiser state is restored by its stage."""
@@ -281,9 +295,10 @@ class RunFolder:
     """Rank 0's writer of OUT (other ranks get one that writes nothing): the lock on OUT and args.json when the run
     starts, TensorBoard scalars per step, and after each epoch the log line, the stage's backbones and the
     checkpoint, once the epoch's losses and weights are known to be finite (every rank checks).
-    ckpt: the checkpoint a resumed run continues from (it carries the stage's best validation loss so far)."""
+    loss: the loss path for args.json (adam.loss_record); ckpt: the checkpoint a resumed run continues from (it
+    carries the stage's best validation loss so far)."""
 
-    def __init__(self, args, fused, active=True, ckpt=None):
+    def __init__(self, args, loss, active=True, ckpt=None):
         self.args, self.out, self.active = args, Path(args.out), active
         self.tb, self.best = None, (ckpt or {}).get("best")  # best: {stage, level, epoch, val_loss} or None
         self.warned = set()                                  # collapse warnings already printed (monitor.py)
@@ -291,7 +306,7 @@ class RunFolder:
         if active:
             self.lock = claim(args)
             try:
-                write_args_json(self.out, args, fused)
+                write_args_json(self.out, args, loss)
                 self.tb = tensorboard_writer(args, self.out)
             except BaseException:
                 self.lock.release()
@@ -330,7 +345,7 @@ class RunFolder:
                         student=student.state_dict(), teacher=teacher.state_dict(), bank=bank.queue.cpu(),
                         bank_ptr=bank.ptr, optimizer=optimizer.state_dict(), rng=rng, best=best)
         if record["epoch"] == args.epochs:                         # end of a stage, and of the run after the last
-            monitor.write_curves(out, args.threshold)
+            write_curves(out, args.threshold)
         if self.tb:
             for key in ("loss", "lr", "pruned", "images_per_s", "val_loss") + monitor.FIELDS:
                 if record.get(key) is not None:
@@ -344,10 +359,11 @@ class RunFolder:
             self.lock.release()
 
 
-def write_args_json(out, args, fused):
+def write_args_json(out, args, loss):
     """OUT/args.json when a run starts: every setting, the versions of python, torch, torchvision, CUDA and the op,
-    the loss path, the git commit of this file's checkout (null outside one) and the command line. A resumed run
-    keeps the earlier starts under "previous_starts"."""
+    the loss path (loss: {"loss": which function trains, "adam_ext": the op's build}, from adam.loss_record), the
+    git commit of this file's checkout (null outside one) and the command line. A resumed run keeps the earlier
+    starts under "previous_starts"."""
     def git(*cmd):
         try:
             r = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), *cmd], capture_output=True,
@@ -355,11 +371,6 @@ def write_args_json(out, args, fused):
             return r.stdout.strip() if r.returncode == 0 else None
         except (OSError, subprocess.SubprocessError):
             return None
-    try:
-        import adam_ext
-        op = adam_ext.build_info()
-    except ImportError as e:
-        op = f"not importable ({e})"
     path, previous = Path(out) / "args.json", []
     if path.is_file():
         try:
@@ -371,10 +382,10 @@ def write_args_json(out, args, fused):
     import numpy
     import torchvision
 
-    info = {"args": dict(vars(args)), "loss": "fused adam_ext op" if fused else "pure-PyTorch reference",
+    info = {"args": dict(vars(args)), "loss": loss["loss"],
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "torchvision": torchvision.__version__, "numpy": numpy.__version__, "adam_ext": op,
-                         "cuda": torch.version.cuda},
+                         "torchvision": torchvision.__version__, "numpy": numpy.__version__,
+                         "adam_ext": loss["adam_ext"], "cuda": torch.version.cuda},
             "commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None,
             "command": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "previous_starts": previous}
     return write_atomic(path, lambda p: Path(p).write_text(json.dumps(info, indent=1, default=str)))

@@ -11,10 +11,7 @@ editing csrc/ can set ADAM_EXT_JIT=1 to compile it on import with ninja instead 
 """
 import os
 
-import torch
-
-_lib_error = None  # why the compiled op is missing, for a clear message
-
+from . import ops
 
 def load_jit(verbose=False):
     """Compile csrc/ with torch.utils.cpp_extension.load (ninja) and register the ops.
@@ -47,28 +44,12 @@ else:
     try:
         from . import _C  # noqa: F401  (importing it runs the TORCH_LIBRARY registrations)
     except ImportError as e:
-        _lib_error = e
+        ops.lib_error = e  # why the compiled op is missing, for build_info()
 
-from .ops import _register, info_nce  # noqa: E402
+from .ops import build_info, info_nce, is_built  # noqa: E402
 from .selfcheck import FusedOpError, choose_path, self_check  # noqa: E402
 
-_register()
-
-
-def is_built():
-    """True when the compiled op is loaded (from `pip install -e .` or ADAM_EXT_JIT=1)."""
-    try:
-        torch.ops.adam.info_nce_fwd
-        return True
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def build_info():
-    """e.g. "CPU+CUDA(sm_80,sm_90)", "CPU", or "not built: <why>"."""
-    if not is_built():
-        return f"not built: {_lib_error} (run: pip install --no-build-isolation -e .)"
-    return torch.ops.adam.build_info().replace("_sm_", ",sm_")
+ops._register()
 
 
 __all__ = ["info_nce", "is_built", "build_info", "load_jit", "self_check", "choose_path", "FusedOpError"]

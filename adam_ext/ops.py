@@ -12,6 +12,23 @@ import math
 import torch
 
 _registered = False  # set by _register() once the compiled library is loaded
+lib_error = None     # why the compiled library did not load (set by adam_ext/__init__.py), for build_info()
+
+
+def is_built():
+    """True when the compiled op is loaded (from `pip install -e .` or ADAM_EXT_JIT=1)."""
+    try:
+        torch.ops.adam.info_nce_fwd
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def build_info():
+    """e.g. "CPU+CUDA(sm_80,sm_90)", "CPU", or "not built: <why>"."""
+    if not is_built():
+        return f"not built: {lib_error} (run: pip install --no-build-isolation -e .)"
+    return torch.ops.adam.build_info().replace("_sm_", ",sm_")
 
 
 def info_nce(q, k, queue, temperature, threshold, return_pruned=False):

@@ -7,7 +7,7 @@ one CPU kernel in float32 and float64; CUDA: SIMPLE, TILED at each D it serves, 
 serves), with pruning on, the gradient term on and off, against the reference in float64 on the
 same input values. About 0.1 s on a 2-core CPU, milliseconds on a GPU, once per process and device.
 
-`python -m adam_ext --device cuda --scale full` is the smoke test of a GPU machine
+`python bench.py selfcheck --device cuda --scale full` is the smoke test of a GPU machine
 (gpu_check.sh): every kernel and dtype variant, shapes whose blocks walk many bank tiles, the
 misaligned-bank fallback, a NaN bank row; torch.profiler records which kernel really ran.
 
@@ -27,17 +27,16 @@ Tolerances (the fused op against the float64 reference on the op's own input val
   Pruning counts: exact (planted duplicates sit at cosine ~0.97, far above t = 0.8; random rows
       at ~N(0, 1/D), far below), so a kernel that prunes the wrong entries fails at once.
 """
-import argparse
 import contextlib
-import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+
+from . import ops
 
 T, THRESHOLD = 0.2, 0.8  # the paper's temperature and pruning threshold
 KERNEL_VAR, SMS_VAR = "ADAM_INFO_NCE_CUDA_KERNEL", "ADAM_INFO_NCE_CUDA_SMS"
@@ -244,8 +243,7 @@ def self_check(device, reference, scale="quick", op=None, seed=None, profile=Fal
     (dicts with "ok" and "message"). Cached per device for scale "quick" unless force=True.
     Fresh random inputs every time (seed from os.urandom unless given; it is in each result)."""
     device = torch.device(device)
-    if op is None:
-        from . import info_nce as op
+    op = op or ops.info_nce
     key = (str(device), op)
     if scale == "quick" and not force and key in _checked:
         return _checked[key]
@@ -277,24 +275,25 @@ def failure_line(results):
 
 
 def choose_path(flag, device, reference, say=print, op=None):
-    """--loss auto|fused|torch -> True to train with the fused op. Says which path runs and why.
+    """--loss auto|fused|torch -> the loss function to train with: op (default: the fused adam_ext.info_nce) or
+    reference (adam.info_nce, passed in by the caller). Says which path runs and why.
 
     fused: the op must be built for the device and pass the self-check, else FusedOpError.
     auto:  the op when it is built for the device and passes; otherwise the reference, with a
            loud WARNING when the op is built but wrong here. torch: the reference."""
-    from . import build_info, is_built
+    op = op or ops.info_nce
     device = torch.device(device)
     if flag == "torch":
         say("loss: pure-PyTorch reference (asked for)")
-        return False
-    info = build_info()
-    on_device = is_built() and (device.type != "cuda" or "CUDA" in info)
+        return reference
+    info = ops.build_info()
+    on_device = ops.is_built() and (device.type != "cuda" or "CUDA" in info)
     if not on_device:
         if flag == "fused":
             raise FusedOpError(f"--loss fused: the op is not built for {device.type} ({info}); build it with "
                                "`pip install --no-build-isolation -e .` or use --loss torch")
         say(f"loss: pure-PyTorch reference (auto, adam_ext: {info})")
-        return False
+        return reference
     t0 = time.perf_counter()
     results = self_check(device, reference, op=op)
     took = time.perf_counter() - t0
@@ -302,15 +301,15 @@ def choose_path(flag, device, reference, say=print, op=None):
     if bad and flag == "fused":
         raise FusedOpError(f"--loss fused: the fused op disagrees with adam.info_nce on {device}: {bad}. "
                            "Train with --loss torch and report this with the output of "
-                           f"`python -m adam_ext --device {device.type} --scale full`")
+                           f"`python bench.py selfcheck --device {device.type} --scale full`")
     if bad:
         say(f"WARNING: the fused op disagrees with adam.info_nce on {device}: {bad}. "
             "Training with the pure-PyTorch reference instead (same loss, more memory and time).")
-        return False
+        return reference
     n = sum(not r.get("skipped") for r in results)
     say(f"loss: fused adam_ext op ({flag}; {info}; self-check on {device}: {n} kernel cases match "
         f"adam.info_nce, {took * 1000:.0f} ms)")
-    return True
+    return op
 
 
 def fmt_markdown(results, device_name):
@@ -323,48 +322,3 @@ def fmt_markdown(results, device_name):
         rows.append(f"| {r['case']} | {r.get('ran', '-')} | {le} | {ge} | {pr} | {res} |")
     n_ok = sum(r["ok"] and not r.get("skipped") for r in results)
     return f"Self-check on {device_name}: {n_ok}/{len(results)} cases pass.\n\n" + "\n".join(rows) + "\n"
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Check the fused op against adam.info_nce on one device "
-                                "(the smoke test of a GPU machine: --device cuda --scale full).")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--scale", default="full", choices=["quick", "sanitize", "small", "full"],
-                   help="quick: the start-of-training check; sanitize: one multi-tile case per kernel (for "
-                        "compute-sanitizer racecheck/initcheck); small: every variant, small multi-tile shapes; "
-                        "full: every variant plus the benchmark's multi-tile shapes")
-    p.add_argument("--seed", type=int, default=None, help="input seed (default: fresh, printed)")
-    p.add_argument("--no-profile", action="store_true", help="do not record which CUDA kernel ran (torch.profiler)")
-    p.add_argument("--json", default="", help="write every result to this JSON file")
-    p.add_argument("--md", default="", help="write a markdown table to this file")
-    args = p.parse_args(argv)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import adam  # the readable reference lives in adam.py at the repository root
-
-    from . import build_info
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("adam_ext.selfcheck: --device cuda, but torch sees no GPU; use --device cpu")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    t0 = time.perf_counter()
-    results = self_check(device, adam.info_nce, scale=args.scale, seed=args.seed,
-                         profile=not args.no_profile, force=True)
-    took = time.perf_counter() - t0
-    for r in results:
-        status = "skip" if r.get("skipped") else ("ok  " if r["ok"] else "FAIL")
-        print(f"{status} {r['case']:<60} ran {r.get('ran', '-'):<7} {r['message']}")
-    md = fmt_markdown(results, f"{name} ({build_info()}, torch {torch.__version__})")
-    for path, text in ((args.json, json.dumps(results, indent=1, default=str)), (args.md, md)):
-        if path:
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
-    n_bad = sum(not r["ok"] for r in results)
-    print(f"{len(results) - n_bad}/{len(results)} cases match adam.info_nce on {name} in {took:.1f} s "
-          f"(seed {results[0]['seed'] if results else '-'})")
-    return 1 if n_bad else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

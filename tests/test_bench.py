@@ -29,3 +29,19 @@ def test_pipeline_mode_times_both_view_paths(phantom_root, capsys):
     assert "views in workers" in out and "views BatchViews on cpu" in out
     with pytest.raises(ValueError, match="needs at least 96 images"):
         bench.main(["pipeline", *flags, "--batch-size", "32"])
+
+
+@pytest.mark.skipif(not adam_ext.is_built(), reason="the fused op is not built")
+def test_selfcheck_mode_writes_its_table_and_exits_1_on_a_wrong_op(tmp_path, monkeypatch):
+    md = tmp_path / "selfcheck.md"
+    results = bench.main(["selfcheck", "--scale", "quick", "--md", str(md)])
+    assert results and all(r["ok"] for r in results)
+    assert f"{len(results)}/{len(results)} cases pass" in md.read_text()
+    real = adam_ext.ops.info_nce
+
+    def off_by_a_thousandth(q, k, queue, temperature, threshold, return_pruned=False):
+        loss, pruned = real(q, k, queue, temperature, threshold, return_pruned=True)
+        return (loss * 1.001, pruned) if return_pruned else loss * 1.001
+    monkeypatch.setattr(adam_ext.ops, "info_nce", off_by_a_thousandth)
+    with pytest.raises(SystemExit, match=r"bench.py selfcheck: \d+ of \d+ cases disagree with adam.info_nce on CPU"):
+        bench.main(["selfcheck", "--scale", "quick"])

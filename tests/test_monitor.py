@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import adam
-from adam_cxr import monitor
+from adam_cxr import monitor, runs
 from conftest import TINY_RUN
 
 
@@ -69,7 +69,7 @@ def test_epoch_records_keep_the_last_line_of_a_repeated_epoch(tmp_path):
     lines = [dict(stage=0, level=0, epoch=1, step=3, loss=5.0), dict(stage=0, level=0, epoch=2, step=6, loss=4.0),
              dict(stage=0, level=0, epoch=2, step=6, loss=3.5), dict(stage=1, level=2, epoch=1, step=9, loss=3.0)]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    assert [r["loss"] for r in monitor.epoch_records(tmp_path)] == [5.0, 3.5, 3.0]
+    assert [r["loss"] for r in runs.epoch_records(tmp_path)] == [5.0, 3.5, 3.0]
 
 
 def test_run_logs_the_monitor_prints_it_and_draws_curves(phantom_root, tmp_path, capsys):

@@ -24,13 +24,15 @@ def _fresh_cache(monkeypatch):
 def planted(fault):
     """adam_ext.info_nce with one planted fault: 'loss' (x 1.001), 'grad' (dL/dq x 1.01 through a
     hook), 'pruning' (the pruned fraction a whisker off), 'nan' (NaN rows treated as pruned)."""
+    real = adam_ext.ops.info_nce
+
     def op(q, k, queue, temperature, threshold, return_pruned=False):
         if fault == "nan":  # the bug the op once had: a NaN score counted as pruned
             queue = torch.nan_to_num(queue, nan=0.0)
         if fault == "grad" and q.requires_grad:
             q = q * 1.0
             q.register_hook(lambda g: g * 1.01)
-        loss, pruned = adam_ext.ops.info_nce(q, k, queue, temperature, threshold, return_pruned=True)
+        loss, pruned = real(q, k, queue, temperature, threshold, return_pruned=True)
         if fault == "loss":
             loss = loss * 1.001
         if fault == "pruning":
@@ -69,21 +71,21 @@ def test_a_nan_treated_as_pruned_is_caught_at_full_scale():
 
 def test_auto_falls_back_loudly_and_fused_stops():
     said = []
-    assert adam_ext.choose_path("auto", CPU, adam.info_nce, said.append, op=planted("loss")) is False
+    assert adam_ext.choose_path("auto", CPU, adam.info_nce, said.append, op=planted("loss")) is adam.info_nce
     assert len(said) == 1 and said[0].startswith("WARNING: the fused op disagrees with adam.info_nce on cpu")
     assert "kernel cpu, f32 B=37 D=128 K=5003" in said[0] and "pure-PyTorch reference instead" in said[0]
     with pytest.raises(adam_ext.FusedOpError, match=r"--loss fused: .*kernel cpu, f32 B=37 D=128 K=5003: loss"):
         adam_ext.choose_path("fused", CPU, adam.info_nce, said.append, op=planted("loss"))
     said.clear()
-    assert adam_ext.choose_path("auto", CPU, adam.info_nce, said.append) is True  # the real op: fused
+    assert adam_ext.choose_path("auto", CPU, adam.info_nce, said.append) is adam_ext.info_nce  # the real op
     assert said[0].startswith("loss: fused adam_ext op") and "self-check on cpu" in said[0]
-    assert adam_ext.choose_path("torch", CPU, adam.info_nce, said.append) is False
+    assert adam_ext.choose_path("torch", CPU, adam.info_nce, said.append) is adam.info_nce
 
 
 def test_training_falls_back_with_a_planted_fault(phantom_root, tmp_path, monkeypatch, capsys):
     """adam.main end to end: --loss auto trains on the reference after the warning (same losses as
     --loss torch), --loss fused stops before the first step with the message."""
-    monkeypatch.setattr(adam_ext, "info_nce", planted("grad"))
+    monkeypatch.setattr(adam_ext.ops, "info_nce", planted("grad"))  # what choose_path checks and returns
     base = TINY_RUN + ["--data-root", str(phantom_root), "--levels", "2"]
     auto = adam.main(base + ["--out", str(tmp_path / "auto"), "--loss", "auto"])
     out = capsys.readouterr().out

@@ -101,7 +101,7 @@ def test_without_the_op_auto_uses_the_reference_and_says_so(monkeypatch):
     so (README 'Install with your own torch'); only --loss fused insists on it."""
     monkeypatch.setitem(sys.modules, "adam_ext", None)           # import adam_ext fails as if never built
     said = []
-    assert adam.choose_loss("auto", torch.device("cpu"), said.append) is False
+    assert adam.choose_loss("auto", torch.device("cpu"), said.append) is adam.info_nce
     assert len(said) == 1 and said[0].startswith("loss: pure-PyTorch reference (auto; adam_ext not importable")
     with pytest.raises(ValueError, match="--loss fused: adam_ext is not importable"):
         adam.choose_loss("fused", torch.device("cpu"), said.append)

@@ -229,7 +229,7 @@ def test_cuda_random_state_is_saved_and_restored(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: states)
     folder = runs.RunFolder(types.SimpleNamespace(out=str(tmp_path), tensorboard=False, arch="resnet18", epochs=1,
                                                   threshold=0.8),
-                            fused=False)
+                            loss=adam.loss_record(adam.info_nce))
     net, bank = adam.Encoder("resnet18", 8), adam.MemoryBank(4, 8, "cpu")
     record = dict(stage=0, level=0, epoch=1, step=1, loss=1.0, val_loss=None)
     folder.end_of_epoch(record, net, net, bank, torch.optim.SGD(net.parameters(), lr=0.1), {"backbones": []})

@@ -270,6 +270,13 @@ class Encoder(nn.Module):
         return F.normalize(self.head(self.backbone(x)).float(), dim=1)
 
 
+def feature_map(backbone, x):
+    """The last convolutional map of a torchvision ResNet (layer4, stride 32), before the global average pool:
+    B x 3 x S x S -> B x C x S/32 x S/32. What Eve's dense measures and the dense baselines (baselines.py) read."""
+    x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(x))))
+    return backbone.layer4(backbone.layer3(backbone.layer2(backbone.layer1(x))))
+
+
 @torch.no_grad()
 def ema_update(teacher, student, m):
     """xi <- m xi + (1 - m) theta (docs/METHOD.md §4). Buffers (BN statistics) are the teacher's own, as in MoCo."""
@@ -561,8 +568,14 @@ def open_data(args, world):
 
 
 def make_loader(images, level, args, num_samples, world, rank, seed, batch):
-    dataset = AdamViews(images, level, args.img_size, args.gpu_views)
-    sampler = PartSampler(len(images), num_samples, seed, rank, world)
+    return loader_of(AdamViews(images, level, args.img_size, args.gpu_views), args, num_samples, world, rank, seed,
+                     batch)
+
+
+def loader_of(dataset, args, num_samples, world, rank, seed, batch):
+    """A loader of `dataset`, which takes the PartSampler's (index, seed) items (baselines.py and semgen.py pass
+    theirs): -> (loader, sampler). The sampler's set_epoch(stage, epoch) picks the epoch's permutation."""
+    sampler = PartSampler(len(dataset), num_samples, seed, rank, world)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch, sampler=sampler, num_workers=args.workers, drop_last=True,
         pin_memory=torch.cuda.is_available(), persistent_workers=args.workers > 0,

@@ -462,6 +462,8 @@ def main(argv=None):
     if not argv or argv[0] not in METHODS:
         raise ValueError(f"usage: baselines.py {{{','.join(METHODS)}}} [flags]; `baselines.py METHOD --help` lists "
                          f"the flags")
+    if argv[0] != "semgen":
+        require_lightly(argv[0])                              # before anything is read or made
     return train(parse_args(argv[1:], argv[0]))
 
 

@@ -322,10 +322,10 @@ class VICRegL(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 4. The loop: adam.py's, for one stage. A method is an nn.Module with .backbone (a torchvision ResNet, fc = Identity:
-# what the run exports), dataset(images, split) (items: the sampler's (index, seed)), forward_loss(item, device,
-# layout) -> (loss, {name: float}) and after_step(). The backbone is built first after torch.manual_seed(seed), so
-# every method starts from the backbone adam.py starts from with that seed.
+# 4. The loop (docs/METHOD.md §10): adam.py's, for one stage. A method is an nn.Module with .backbone (a torchvision
+# ResNet, fc = Identity: what the run exports), dataset(images, split) (items: the sampler's (index, seed)),
+# forward_loss(item, device, layout) -> (loss, {name: float}) and after_step(). The backbone is built first after
+# torch.manual_seed(seed), so every method starts from the backbone adam.py starts from with that seed.
 
 CHECKPOINT_KEYS = ("args", "method", "epoch", "step", "model", "optimizer", "rng", "best")
 

@@ -365,7 +365,7 @@ def main(argv=None):
     flags = {k: v[1] for k, v in {**VARIANTS, **LADDER, **BASELINES}.items()}
     if {"densecl", "vicregl"} & set(args.baselines):              # lightly is an optional extra: one line, now
         import baselines
-        baselines.require_lightly(" and ".join(v for v in args.baselines if v != "semgen"))
+        baselines.require_lightly(f"--baselines {','.join(args.baselines)}")
     state_path = out / "ablation.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else None
     if state and (state["scale"], state["settings"]["seeds"], state["settings"]["draws"]) != \

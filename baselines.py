@@ -50,8 +50,8 @@ def require_lightly(method):
     try:
         import lightly  # noqa: F401
     except ImportError as e:
-        raise ValueError(f"{method} is built from lightly's losses, heads and transforms, which are not importable "
-                         f"here ({e}): pip install '.[baselines]'") from None
+        raise ValueError(f"{method}: DenseCL and VICRegL are built from lightly's losses, heads and transforms, "
+                         f"which are not importable here ({e}): pip install '.[baselines]'") from None
 
 
 # -----------------------------------------------------------------------------

@@ -23,14 +23,6 @@ needs_lightly = pytest.mark.skipif(importlib.util.find_spec("lightly") is None,
                                    reason="lightly is the [baselines] extra: pip install '.[baselines]'")
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny models on a shared 2-core box: a second thread only contends
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(method, root, out, *more):
     """A run of a few steps: ResNet-18 on 32 px views, batch 4."""
     return [method, "--data", "phantom", "--data-root", str(root), "--arch", "resnet18", "--img-size", "32",

@@ -228,8 +228,9 @@ class DenseCL(nn.Module):
             perm = adam.shuffle_groups(x_k.shape[0], self.groups).to(device) if self.groups > 1 else None
             keys = self.embed(self.teacher, x_k if perm is None else x_k[perm])
             f_k, k, k_dense = keys if perm is None else (t[perm.argsort()] for t in keys)
-        return densecl_loss(f_q.float(), q.float(), q_dense.float(), f_k.float(), k.float(), k_dense.float(),
-                            self.loss_global, self.loss_dense, self.weight)
+        with torch.autocast(device.type, enabled=False):  # the loss in float32, as adam.py's
+            return densecl_loss(f_q.float(), q.float(), q_dense.float(), f_k.float(), k.float(), k_dense.float(),
+                                self.loss_global, self.loss_dense, self.weight)
 
     @torch.no_grad()
     def after_step(self):
@@ -315,7 +316,9 @@ class VICRegL(nn.Module):
     def forward_loss(self, item, device, layout):
         v1, v2 = (v.to(device, non_blocking=True, memory_format=layout) for v in item[:2])   # B x 3 x S x S
         g1, g2 = (g.to(device, non_blocking=True) for g in item[2:])                          # B x h x w x 2
-        return self.loss([self.embed(v1), self.embed(v2)], [g1, g2]).squeeze(), {}
+        features = [self.embed(v1), self.embed(v2)]
+        with torch.autocast(device.type, enabled=False):  # the loss in float32, as adam.py's
+            return self.loss(features, [g1, g2]).squeeze(), {}
 
     def after_step(self):
         pass

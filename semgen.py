@@ -303,8 +303,9 @@ class SemanticGenesis(nn.Module):
     def forward_loss(self, item, device, layout):
         x, y, c = item
         restored, logits = self.unet(x.to(device, non_blocking=True, memory_format=layout))   # smp: masks, labels
-        return semgen_loss(logits.float(), c.to(device), torch.sigmoid(restored.float()), y.to(device),
-                           self.args.lambda_cls, self.args.lambda_rec)
+        with torch.autocast(device.type, enabled=False):  # the loss in float32, as adam.py's
+            return semgen_loss(logits.float(), c.to(device), torch.sigmoid(restored.float()), y.to(device),
+                               self.args.lambda_cls, self.args.lambda_rec)
 
     def after_step(self):
         pass

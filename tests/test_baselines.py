@@ -294,11 +294,10 @@ def test_flags_for_keeps_what_the_method_takes():
 def test_a_resumed_run_ends_where_the_uninterrupted_one_does(method, phantom_root, tmp_path, one_thread, monkeypatch):
     import finetune
     whole = baselines.main(tiny(method, phantom_root, tmp_path / "whole", "--epochs", "2"))
-    real, calls = baselines.end_of_epoch, []
+    real = baselines.end_of_epoch
 
     def stop_after_the_first_epoch(*a):
-        best = real(*a)
-        calls.append(1)
+        real(*a)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(baselines, "end_of_epoch", stop_after_the_first_epoch)
@@ -311,9 +310,18 @@ def test_a_resumed_run_ends_where_the_uninterrupted_one_does(method, phantom_roo
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     log = [json.loads(line) for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2] and log[-1]["step"] == 4
-    # the run folder is one that finetune.py / eve.py take as --init adam:RUN
-    backbone = finetune.load_backbone(f"adam:{tmp_path / 'cut'}", "resnet18")
-    assert isinstance(backbone.fc, torch.nn.Identity)
+    # the run folder is one that finetune.py / eve.py take as --init adam:RUN, with every backbone key
+    from adam_cxr import runs
+    backbone = finetune.load_backbone(f"adam:{tmp_path / 'cut'}", "resnet18").state_dict()
+    exported = torch.load(runs.backbone_file(tmp_path / "cut", "resnet18")[0], weights_only=True)
+    assert backbone.keys() == exported.keys() and all(torch.equal(backbone[k], exported[k]) for k in exported)
+
+
+@needs_lightly
+def test_densecl_takes_adams_views_made_on_the_device(phantom_root, tmp_path, one_thread):
+    """--gpu-views (adam_cxr/gpu_views.py), here on the CPU: the views of a whole batch at once."""
+    summary = baselines.main(tiny("densecl", phantom_root, tmp_path, "--gpu-views", "--epochs", "1"))
+    assert summary["backbones"] and json.loads((tmp_path / "args.json").read_text())["args"]["gpu_views"]
 
 
 @pytest.mark.parametrize("script,argv,method", [

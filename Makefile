@@ -1,6 +1,7 @@
 # One entry point: `make demo` (CPU demo on phantoms, about 4 minutes on 2 cores, README) and `make test` (the test suite).
 # Both create .venv and install everything on first use, including the fused op (adam_ext), built with its
-# CUDA kernels when a CUDA toolkit is found (setup.py looks at CUDA_HOME, then nvcc on PATH).
+# CUDA kernels when a CUDA toolkit is found (setup.py looks at CUDA_HOME, then nvcc on PATH), and the optional
+# [baselines] extra (lightly, pinned in pyproject.toml and requirements.txt), so that the tests cover baselines.py.
 # The default installs the tested pin of requirements.txt (torch 2.14.1, CUDA 13 wheels). To keep a torch you already
 # have (another CUDA build, a cluster module, conda), pass SYSTEM_TORCH=1 and the Python that has it:
 #     make test SYSTEM_TORCH=1 PYTHON=/path/to/python-with-torch
@@ -35,7 +36,7 @@ ifeq ($(SYSTEM_TORCH),1)
 	grep -vE '^(torch|torchvision)==' requirements.txt > $(REQS)
 endif
 	$(BIN)/pip install -q -r $(REQS)
-	$(BIN)/pip install -q --no-build-isolation $(DEPS_FLAG) -e .
+	$(BIN)/pip install -q --no-build-isolation $(DEPS_FLAG) -e ".[baselines]"
 	touch $@
 
 # Pretrain on phantoms (generated on first use), then measure what the embedding learned against random init.

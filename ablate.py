@@ -14,9 +14,11 @@ Every variant is pretrained by adam.main with the same budget of optimisation st
     MoCo-v2    level 0 only, no PP: neither component
     random     no pretraining (torchvision's initialisation)
 and with --ladder the granularity ladder of Fig. 5.2 (levels 0,1 / 0,1,2 / 0,1,2,3 / 0,1,2,3,4, PP on; its
-first rung, level 0 alone, is the MoCo-v2 row). A variant with fewer stages gets more steps per stage, so
-that every encoder has taken the same number of steps: plan() picks epochs per stage and steps per epoch
-whose product is the budget / stages (each stage has its own cosine schedule, as in adam.py).
+first rung, level 0 alone, is the MoCo-v2 row), and with --baselines densecl,vicregl,semgen the paper's
+baselines, one stage each, pretrained by baselines.py on the same data, backbone, budget and seeds
+(docs/baselines.md). A variant with fewer stages gets more steps per stage, so that every encoder has taken
+the same number of steps: plan() picks epochs per stage and steps per epoch whose product is the budget /
+stages (each stage has its own cosine schedule, as in adam.py).
 
 Every encoder is then evaluated the same way, through the functions of the other scripts (no subprocess:
 adam.main, finetune.main and eve.main return their results):
@@ -67,6 +69,8 @@ VARIANTS = {  # key -> (name in tables, adam.py flags); None = no pretraining
 LADDER = {f"levels_{'-'.join(map(str, range(n + 1)))}": (f"levels {','.join(map(str, range(n + 1)))}",
                                                           ["--levels", ",".join(map(str, range(n + 1)))])
           for n in range(1, 5)}
+# The paper's baselines (--baselines): key -> (name in tables, flags); baselines.main trains them (docs/baselines.md)
+BASELINES = {"densecl": ("DenseCL", []), "vicregl": ("VICRegL", []), "semgen": ("Semantic Genesis", [])}
 TASKS = ("phantom-heart", "phantom-clavicle")
 SHOTS = (3, 12)
 
@@ -80,7 +84,8 @@ SCALES = {
                   "--val-steps", "1", "--print-freq", "1000", "--device", "cpu"],
         finetune=["--img-size", "32", "--epochs", "1", "--min-iters", "2", "--val-images", "4", "--device", "cpu"],
         eve=["--num-images", "6", "--num-patches", "4", "--parts", "2", "--tsne-points", "20", "--folds", "2",
-             "--grid", "4", "--corr-pairs", "2", "--device", "cpu"]),
+             "--grid", "4", "--corr-pairs", "2", "--device", "cpu"],
+        baselines=["--expander", "256"]),  # baselines.py flags besides the scale's adam.py ones
     # 2 CPU cores, about 90 min: the demo's pretraining (ResNet-18, 64 px views, batch 32, K 2048) for 300 steps
     "cpu": dict(
         root="data/phantom", phantom=(1000, 256), seeds=3, draws=2, steps=300, arch="resnet18", img_size=64,
@@ -120,9 +125,14 @@ def logged(path):
         yield
 
 
+def stages(flags):
+    """The levels a variant trains, one stage each (a baseline: one)."""
+    return flags[flags.index("--levels") + 1].split(",") if "--levels" in flags else ["0"]
+
+
 def pretrain(key, flags, seed, cfg, root, out, max_spe):
-    """adam.main on one variant and seed with the scale's step budget -> record."""
-    levels = flags[flags.index("--levels") + 1].split(",")
+    """adam.main (baselines.main for a baseline) on one variant and seed with the scale's step budget -> record."""
+    levels = stages(flags)
     epochs, spe = plan(len(levels), cfg["steps"], max_spe)
     folder = out / "pretrain" / f"{key}_seed{seed}"
     argv = ["--data", "phantom", "--data-root", str(root), "--arch", cfg["arch"], *cfg["pretrain"], *flags,
@@ -132,7 +142,12 @@ def pretrain(key, flags, seed, cfg, root, out, max_spe):
     elif folder.exists():
         shutil.rmtree(folder)                                    # stopped before its first checkpoint: start again
     t0 = time.time()
-    summary = adam.main(argv)
+    if key in BASELINES:  # the scale's adam.py flags that the method takes, and the scale's own for baselines
+        import baselines
+        argv = baselines.flags_for(key, argv + cfg.get("baselines", []))[0]
+        summary = baselines.main([key, *argv])
+    else:
+        summary = adam.main(argv)
     log = runs.epoch_records(folder)
     return dict(kind="pretrain", variant=key, seed=seed, out=str(folder), argv=argv, stages=len(levels),
                 epochs=epochs, steps_per_epoch=spe, steps=log[-1]["step"], wall_s=round(time.time() - t0, 1),
@@ -226,7 +241,7 @@ def fmt(x, d=2):
 
 
 def write_md(path, state, stats, variants):
-    cols, name = metrics(), lambda v: {**VARIANTS, **LADDER}[v][0]
+    cols, name = metrics(), lambda v: {**VARIANTS, **LADDER, **BASELINES}[v][0]
     cfg, recs = state["settings"], state["runs"]
     pre = [r for r in recs if r["kind"] == "pretrain"]
     wall = {k: sum(r.get("wall_s", 0) for r in recs if r["kind"] == k) for k in ("pretrain", "eve")}
@@ -245,7 +260,8 @@ def write_md(path, state, stats, variants):
         e = r["last_epoch"]
         lines.append(f"| {name(r['variant'])} | {r['seed']} | {r['stages']} x {r['epochs']} x {r['steps_per_epoch']} "
                      f"| {r['steps']} | {fmt(e['loss'], 3)} | {fmt(e.get('val_loss'), 3)} | "
-                     f"{fmt(100 * e['pruned'])} | {fmt(100 * e.get('would_prune', math.nan))} | "
+                     f"{fmt(100 * e['pruned'] if 'pruned' in e else None)} | "
+                     f"{fmt(100 * e.get('would_prune', math.nan))} | "
                      f"{fmt(e.get('sim_max_median'), 3)} | {fmt(e.get('sim_p99'), 3)} | {fmt(e.get('pos_cos'), 3)} | "
                      f"{fmt(e.get('align'), 3)} | {fmt(e.get('unif'), 3)} | "
                      f"{'epoch %d (lowest val loss)' % e['best_epoch'] if e.get('best_epoch') else 'last epoch'} | "
@@ -284,7 +300,7 @@ def write_png(path, records, stats, variants):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    cols, name = metrics(), lambda v: {**VARIANTS, **LADDER}[v][0]
+    cols, name = metrics(), lambda v: {**VARIANTS, **LADDER, **BASELINES}[v][0]
     others = [v for v in variants if v != "adam"]
     fig, axes = plt.subplots(2, 4, figsize=(4 * 4, 7.5))
     for ax, col in zip(axes.flat, cols):
@@ -317,6 +333,10 @@ def get_args(argv=None):
     p.add_argument("--scale", default="cpu", choices=list(SCALES), help="smoke: the tests' (< 3 min, nothing "
                    "learnt); cpu: 2 CPU cores, about 90 min; gpu: one GPU (README)")
     p.add_argument("--ladder", action="store_true", help="also the granularity ladder (levels 0,1 ... 0,1,2,3,4)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="which of Adam's variants to run, comma-separated "
+                   "(adam, the reference of every paired test, must be one)")
+    p.add_argument("--baselines", default="", help="also the paper's baselines, comma-separated: densecl, vicregl "
+                   "(both need pip install '.[baselines]'), semgen (docs/baselines.md)")
     p.add_argument("--data-root", default=None, help="phantom cache to use (default: the scale's, generated "
                    "when missing)")
     p.add_argument("--seeds", type=int, default=None, help="pretraining seeds 0..N-1 (default: the scale's)")
@@ -326,6 +346,13 @@ def get_args(argv=None):
     for k in ("seeds", "draws"):
         if getattr(args, k) is not None and getattr(args, k) < 1:
             p.error(f"--{k} must be >= 1")
+    for k, known in (("variants", VARIANTS), ("baselines", BASELINES)):
+        setattr(args, k, [v for v in getattr(args, k).split(",") if v])
+        if set(getattr(args, k)) - set(known):
+            p.error(f"--{k}: unknown {', '.join(sorted(set(getattr(args, k)) - set(known)))}; choose from "
+                    f"{', '.join(known)}")
+    if "adam" not in args.variants:
+        p.error("--variants must include adam: every paired test is against it")
     return args
 
 
@@ -334,8 +361,11 @@ def main(argv=None):
     cfg = dict(SCALES[args.scale])
     cfg.update({k: getattr(args, k) for k in ("seeds", "draws") if getattr(args, k) is not None})
     out = Path(args.out)
-    variants = list(VARIANTS) + (list(LADDER) if args.ladder else [])
-    flags = {k: v[1] for k, v in {**VARIANTS, **LADDER}.items()}
+    variants = args.variants + (list(LADDER) if args.ladder else []) + args.baselines
+    flags = {k: v[1] for k, v in {**VARIANTS, **LADDER, **BASELINES}.items()}
+    if {"densecl", "vicregl"} & set(args.baselines):              # lightly is an optional extra: one line, now
+        import baselines
+        baselines.require_lightly(f"--baselines {','.join(args.baselines)}")
     state_path = out / "ablation.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else None
     if state and (state["scale"], state["settings"]["seeds"], state["settings"]["draws"]) != \
@@ -363,9 +393,10 @@ def main(argv=None):
     if args.dry_run:
         for v in variants:
             if flags[v] is not None:
-                n = len(flags[v][flags[v].index("--levels") + 1].split(","))
+                n = len(stages(flags[v]))
                 e, spe = plan(n, cfg["steps"], max_spe)
-                print(f"  {v}: {' '.join(flags[v])}: {n} stage(s) x {e} epochs x {spe} steps = {n * e * spe} steps")
+                print(f"  {v}: {' '.join(flags[v]) or 'baselines.py ' + v}: {n} stage(s) x {e} epochs x {spe} "
+                      f"steps = {n * e * spe} steps")
         n_ft = sum(k == "finetune" for k, _, _ in jobs) * len(TASKS) * len(SHOTS) * cfg["draws"]
         print(f"  {sum(k == 'pretrain' for k, _, _ in jobs)} pretraining runs, {n_ft} fine-tuning runs, "
               f"{sum(k == 'eve' for k, _, _ in jobs)} Eve runs")

@@ -185,6 +185,13 @@ class Encoder(nn.Module):
         return F.normalize(self.head(self.backbone(x)).float(), dim=1)
 
 
+def feature_map(backbone, x):
+    """The last convolutional map of a torchvision ResNet (layer4, stride 32), before the global average pool:
+    B x 3 x S x S -> B x C x S/32 x S/32. What Eve's dense measures and the dense baselines (baselines.py) read."""
+    x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(x))))
+    return backbone.layer4(backbone.layer3(backbone.layer2(backbone.layer1(x))))
+
+
 @torch.no_grad()
 def ema_update(teacher, student, m):
     """xi <- m xi + (1 - m) theta (docs/METHOD.md §4). Buffers (BN statistics) are the teacher's own, as in MoCo."""
@@ -592,9 +599,15 @@ def open_data(args, world):
 
 def make_loader(images, level, *, num_samples, seed, ctx):
     """(DataLoader, PartSampler) of num_samples (index, seed) samples of this process's shard at this level."""
+    return loader_of(AdamViews(images, level, ctx.args.img_size, ctx.args.gpu_views), num_samples=num_samples,
+                     seed=seed, ctx=ctx)
+
+
+def loader_of(dataset, *, num_samples, seed, ctx):
+    """A loader of `dataset`, which takes the PartSampler's (index, seed) items (baselines.py and semgen.py pass
+    theirs): -> (loader, sampler). The sampler's set_epoch(stage, epoch) picks the epoch's permutation."""
     args = ctx.args
-    dataset = AdamViews(images, level, args.img_size, args.gpu_views)
-    sampler = PartSampler(len(images), num_samples, seed, ctx.rank, ctx.world)
+    sampler = PartSampler(len(dataset), num_samples, seed, ctx.rank, ctx.world)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=ctx.batch, sampler=sampler, num_workers=args.workers, drop_last=True,
         pin_memory=torch.cuda.is_available(), persistent_workers=args.workers > 0,

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data_prep
-from adam import ARCHS, imagenet_normalise
+from adam import ARCHS, feature_map, imagenet_normalise
 from adam_cxr.runs import write_atomic
 from finetune import load_backbone  # every checkpoint form finetune.py accepts
 
@@ -56,9 +56,7 @@ class BackboneFeatures(nn.Module):
 
     def feature_map(self, x):
         """The last conv map (layer4 output, stride 32): B x D x S/32 x S/32."""
-        b = self.backbone
-        x = b.maxpool(b.relu(b.bn1(b.conv1(imagenet_normalise(x)))))
-        return b.layer4(b.layer3(b.layer2(b.layer1(x))))
+        return feature_map(self.backbone, imagenet_normalise(x))
 
 
 def render(img, box, frame=None):

@@ -367,15 +367,21 @@ def build_model(task, init, arch, num_outputs, decoder_channels=(256, 128, 64, 3
     backbone = load_backbone(init, arch)
     if TASKS[task]["kind"] == "cls":
         return Classifier(backbone, num_outputs)
+    return unet(backbone, arch, 1, decoder_channels)
+
+
+def unet(backbone, arch, classes=1, decoder_channels=(256, 128, 64, 32, 16)):
+    """smp's U-Net whose encoder holds `backbone`'s weights (a torchvision ResNet of --arch): the segmentation model,
+    and semgen.py's restoration network."""
     import segmentation_models_pytorch as smp  # the U-Net the authors used; its ResNet encoders are torchvision's
     if arch.startswith("wide_resnet"):  # smp lists no wide ResNets: its ResNet encoder with torchvision's widths
         resnet = smp.encoders.encoders[arch.split("_")[1]]                    # resnet50 or resnet101
         smp.encoders.encoders.setdefault(arch, {**resnet, "pretrained_settings": {},
                                                 "params": {**resnet["params"], "width_per_group": 128}})
-    unet = smp.Unet(encoder_name=arch, encoder_weights=None, in_channels=3, classes=1,
-                    decoder_channels=tuple(decoder_channels))
-    unet.encoder.load_state_dict(backbone.state_dict())  # strict: same keys (no fc / avgpool)
-    return unet
+    model = smp.Unet(encoder_name=arch, encoder_weights=None, in_channels=3, classes=classes,
+                     decoder_channels=tuple(decoder_channels))
+    model.encoder.load_state_dict(backbone.state_dict())  # strict: same keys (no fc / avgpool)
+    return model
 
 
 def encoder_of(model):

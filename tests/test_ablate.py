@@ -4,17 +4,8 @@ import json
 import math
 
 import pytest
-import torch
 
 import ablate
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny models on a shared 2-core box: a second thread only contends
-    yield
-    torch.set_num_threads(n)
 
 
 def test_plan_gives_every_variant_the_same_steps():

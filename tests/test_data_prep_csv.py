@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,14 +282,6 @@ def test_dicom_sigmoid_rescale_monochrome1(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------
 # finetune.py on any labelled cache, and segmentation from any cache with masks
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_finetune_multilabel_on_csv_cache(chexpert, tmp_path, one_thread):
     import finetune

@@ -97,7 +97,7 @@ SCALES = {
     "gpu": dict(
         root="data/phantom_5k", phantom=(5000, 256), seeds=5, draws=2, steps=3000, arch="resnet50", img_size=128,
         pretrain=["--img-size", "128", "--batch-size", "128", "--queue-size", "16384", "--lr", "0.03",
-                  "--momentum-ema", "0.99", "--gpu-views", "--workers", "4", "--val-steps", "4",
+                  "--momentum-ema", "0.99", "--views", "device", "--workers", "4", "--val-steps", "4",
                   "--print-freq", "1000"],
         finetune=["--img-size", "128", "--epochs", "30", "--batch-size", "16", "--min-iters", "8",
                   "--val-images", "64", "--workers", "0"],  # finetune.py's workers restart every epoch

@@ -22,6 +22,7 @@ many GPUs (or CPU processes with gloo). See README.md.
 """
 import argparse
 import copy
+import functools
 import math
 import os
 import sys
@@ -42,6 +43,7 @@ import torchvision
 from torchvision.transforms import v2 as T
 
 import data_prep  # datasets: numpy + pillow only
+from adam_cxr.gpu_views import BatchViews  # --views device: both views of a batch on the training device
 from adam_cxr import monitor  # the embedding monitor: what the pruner sees, alignment/uniformity, curves.png
 from adam_cxr import runs  # the run folder: args.json, log.jsonl, checkpoints, exports, resume
 from data_prep import DataError  # bad input data, named with its file
@@ -88,13 +90,21 @@ def anatomy_parts(height, width, level):
 # 3. Views (docs/METHOD.md §3: the authors' augmentation, the same for both views; no flip, no random
 # greyscale, as left and right matter in anatomy). The part is cropped at full resolution; the views are
 # made from the 1-channel grey part (saturation and hue jitter leave grey pixels unchanged) and expanded to
-# 3 channels only for the normalisation.
+# 3 channels only for the normalisation, which runs on the training device for the whole batch (to_views):
+# the loader ships uint8 bytes, a twelfth of the normalised 3-channel floats.
+
+@functools.lru_cache(maxsize=None)
+def imagenet_stats(device):
+    """ImageNet mean and std, each 3 x 1 x 1, on `device`: made once per device, as a copy to a GPU on every
+    call would make the host wait for the GPU (a host sync)."""
+    return (torch.tensor([0.485, 0.456, 0.406], device=device).view(3, 1, 1),
+            torch.tensor([0.229, 0.224, 0.225], device=device).view(3, 1, 1))
+
 
 def imagenet_normalise(x):
     """... x C x H x W in [0, 1], C = 1 or 3 -> ... x 3 x H x W with ImageNet mean/std: grey becomes a
     3-channel copy (docs/METHOD.md §3). The one normalisation of pretraining, fine-tuning and Eve."""
-    mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).view(3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225], device=x.device).view(3, 1, 1)
+    mean, std = imagenet_stats(x.device)
     return (x.expand(*x.shape[:-3], 3, *x.shape[-2:]) - mean) / std
 
 
@@ -113,20 +123,22 @@ class SeparableGaussianBlur(T.GaussianBlur):
 
 
 class AdamViews(torch.utils.data.Dataset):
-    """For sample (index, seed): one random part at `level` (the AD), then two augmented views of it.
+    """For sample (index, seed): one random part at `level` (the AD), then two augmented views of it, C x S x S
+    uint8 each (to_views scales and normalises them on the training device). With device_views (a
+    gpu_views.BatchViews, --views device) the views are left to it: the sample is the part, padded to the level's
+    largest part, and the parameters of both views, drawn here in the worker from the sample's seed.
 
     The seed comes from the sampler, so what a sample looks like does not depend on the number of
     workers, and a resumed run sees exactly the crops the uninterrupted run would have seen."""
 
-    def __init__(self, images, level, img_size, gpu_views=False):
-        self.images, self.level, self.gpu_views = images, level, gpu_views
+    def __init__(self, images, level, img_size, device_views=None):
+        self.images, self.level, self.device_views = images, level, device_views
         s = img_size / 224  # blur kernel and sigma scale with the view size (authors: 224 px)
         self.view = T.Compose([
             T.RandomResizedCrop(img_size, scale=(0.2, 1.0), antialias=True),
             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
             T.RandomApply([SeparableGaussianBlur(2 * round(11 * s) + 1, sigma=(0.1 * s, 2.0 * s))], p=0.5),
             T.RandomRotation(30),
-            T.ToDtype(torch.float32, scale=True),
         ])
 
     def __len__(self):
@@ -135,16 +147,22 @@ class AdamViews(torch.utils.data.Dataset):
     def __getitem__(self, item):
         index, seed = item
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            x = torch.as_tensor(self.images[index])                           # C x H x W uint8
-            parts = anatomy_parts(x.shape[1], x.shape[2], self.level)
+            # the CPU generator only: torch.manual_seed also queues a seed for every accelerator (most of a sample's
+            # CPU time here); the workers draw from the CPU's, and fork_rng restores it
+            torch.default_generator.manual_seed(seed)
+            cache = isinstance(self.images, data_prep.CacheImages)  # a cache: read the part's rows only
+            x = None if cache else torch.as_tensor(self.images[index])         # C x H x W uint8
+            parts = anatomy_parts(*(self.images.size if cache else x.shape[1:]), self.level)
             top, left, h, w = parts[torch.randint(len(parts), ()).item()]
-            if self.gpu_views:  # the views are made later, for the whole batch, by BatchViews on the device
-                return x, torch.tensor([top, left, h, w]), torch.randint(2**62, ())  # image, part, view seed
-            part = x[:, top:top + h, left:left + w]
-            views = torch.stack([self.view(part), self.view(part)])               # 2 x C x S x S
-            x_q, x_k = imagenet_normalise(views)
-            return x_q, x_k
+            part = torch.as_tensor(self.images.part(index, top, left, h, w)) if cache else \
+                x[:, top:top + h, left:left + w]                               # C x h x w uint8
+            if self.device_views is None:
+                return self.view(part), self.view(part)                        # C x S x S uint8 each
+            # floor/ceil halves differ by a pixel: repeat the last row / column so that a batch stacks
+            ph, pw = max(b[2] for b in parts), max(b[3] for b in parts)
+            if (h, w) != (ph, pw):
+                part = part[:, torch.arange(ph).clamp(max=h - 1)][:, :, torch.arange(pw).clamp(max=w - 1)]
+            return part, self.device_views.draw(torch.tensor([[0, 0, h, w]]), torch.randint(2**62, (1,)))[0]
 
 
 class PartSampler(torch.utils.data.Sampler):
@@ -265,11 +283,11 @@ class SplitBatchNorm(nn.BatchNorm2d):
         return y.view(B, C, H, W)
 
 
-def shuffle_groups(B, G):
+def shuffle_groups(B, G, device="cpu"):
     """The teacher's order of a batch of B: image i (student group i % G, slot i // G) goes to teacher group
     (i + i // G) % G, so each teacher group takes B/G^2 images from every student group (G^2 | B), or one from each
     of B/G groups (B/G <= G), and no key shares its statistics with its query. Position p*G + h: h's p-th image."""
-    i = torch.arange(B)
+    i = torch.arange(B, device=device)  # made where it is used: a copy to a GPU would be a host sync per step
     return ((i % G + i // G) % G).argsort(stable=True).view(G, B // G).t().flatten()
 
 
@@ -278,7 +296,7 @@ def teacher_keys(teacher, x_k, groups=1):
     """k = h_xi(f_xi(x_k)). One process: the batch in shuffle_groups' order (G = 1: as it is, plain BN). Several:
     MoCo's shuffle BN, the batch permuted across ranks before the teacher (and split into G groups on each)."""
     if not dist.is_initialized():
-        perm = shuffle_groups(x_k.shape[0], groups).to(x_k.device) if groups > 1 else None
+        perm = shuffle_groups(x_k.shape[0], groups, x_k.device) if groups > 1 else None
         return teacher(x_k) if perm is None else teacher(x_k[perm])[perm.argsort()]
     rank, b = dist.get_rank(), x_k.shape[0]
     x_all = all_gather(x_k)                                   # (world*B) x 3 x S x S
@@ -292,24 +310,40 @@ def teacher_keys(teacher, x_k, groups=1):
 # 8. Coarse-to-fine training (docs/METHOD.md §5). One stage per level; student, teacher and bank carry
 # over between stages; optimiser, cosine schedule and epoch counter restart.
 
+def train_step(x_q, x_k, model, teacher, bank, optimizer, args, threshold, criterion, groups, monitor=None, i=0):
+    """One step (docs/METHOD.md §4-5) on the views x_q, x_k (B x 3 x S x S on the device): q from the student,
+    k from the teacher, the pruned InfoNCE against the bank, SGD, the teacher's EMA, then k into the bank (MoCo's
+    order; the monitor sees the bank the loss saw). model / teacher: the modules as called (DDP, compiled) - their
+    parameters are the student's and the teacher's. Returns (loss, pruned fraction) as 0-dim device tensors:
+    nothing here waits for the device, so the host queues the next step while this one runs."""
+    with torch.autocast(x_q.device.type, dtype=torch.bfloat16, enabled=x_q.device.type == "cuda"):
+        q = model(x_q)                                                     # B x D
+        k = teacher_keys(teacher, x_k, groups)                             # B x D, no grad
+    loss, pruned = criterion(q, k, bank.queue, args.temperature, threshold, return_pruned=True)  # section 6
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    ema_update(teacher, model, args.momentum_ema)
+    if monitor is not None:
+        monitor.observe(i, q, k, bank.queue)                               # the bank the loss saw
+    bank.enqueue(all_gather(k))                                            # after the loss (MoCo order)
+    return loss.detach(), pruned
+
+
+def pruning_threshold(args, level):
+    """The pruner's t at this level, None where it is off: the authors prune only at levels > 0 (docs/METHOD.md §4);
+    t >= 1 prunes nothing."""
+    return args.threshold if (level > 0 or args.prune_every_level) and args.threshold < 1 else None
+
+
 def main(argv=None):
     args = parse_args(argv)
     device, rank, world = setup_devices(args)
     say = print if rank == 0 else (lambda *a, **k: None)
-    train_images, val_images, views = open_data(args, world)     # views: BatchViews for --gpu-views
+    train_images, val_images, views = open_data(args, world, device)  # views: BatchViews for device views
     batch, out = args.batch_size // world, Path(args.out)          # batch: per process
     torch.manual_seed(args.seed)
-
-    # models, bank, loss path; BatchNorm in groups of 64 images per process by default (section 7)
-    groups = args.bn_groups or max(1, batch // 64)
-    student = Encoder(args.arch, args.dim, groups).to(device)
-    teacher = copy.deepcopy(student).requires_grad_(False)         # xi initialised as a copy of theta
-    cuda = device.type == "cuda"
-    layout = torch.channels_last if cuda else torch.preserve_format  # bf16 autocast + channels_last on GPUs
-    student, teacher = student.to(memory_format=layout), teacher.to(memory_format=layout)
-    bank = MemoryBank(args.queue_size, args.dim, device, torch.Generator().manual_seed(args.seed))
-    model = nn.parallel.DistributedDataParallel(student, device_ids=[device] if cuda else None) \
-        if world > 1 else student
+    student, teacher, bank, model, teacher_fwd, groups, layout = build_models(args, device, world, batch)
     criterion = choose_loss(args.loss, device, say)                # info_nce, or the fused op that matches it
     ctx = Context(args, device, rank, world, views, criterion)     # what the loaders and validate() share
     lr = args.lr * args.batch_size / 256                           # linear scaling rule
@@ -321,17 +355,20 @@ def main(argv=None):
     say(f"data: {train_images.name}, {len(train_images)} train images; {args.arch} at {args.img_size} px; "
         f"levels {args.level_list}, {args.epochs} epochs x {steps_per_epoch} steps; batch {args.batch_size} "
         f"on {world} x {device.type}, BN groups {groups}; K={args.queue_size} tau={args.temperature} "
-        f"t={args.threshold} m={args.momentum_ema}")
+        f"t={args.threshold} m={args.momentum_ema}; views "
+        + (f"on {device.type} (BatchViews)" if views else f"in {args.workers} CPU workers" if args.workers else
+           "in this process"))
     summary = {"out": str(out), "stages": [], "backbones": []}
     t_run, steps_run = time.time(), 0
 
     for stage in range(start_stage, len(args.level_list)):
         level = args.level_list[stage]
-        prune = (level > 0 or args.prune_every_level) and args.threshold < 1  # >= 1 prunes nothing
-        t = args.threshold if prune else None
-        optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.wd)
+        t = pruning_threshold(args, level)
+        optimizer = make_optimizer(student, lr, args)
         if ckpt is not None and stage == ckpt["stage"] and start_epoch > 0:
             optimizer.load_state_dict(ckpt["optimizer"])
+            for group in optimizer.param_groups:  # the flag given now, not the one saved
+                group["fused"] = args.fused_sgd or None
         loader, sampler = make_loader(train_images, level, num_samples=steps_per_epoch * batch, seed=args.seed, ctx=ctx)
         stage_log = {"level": level, "threshold": t, "losses": [], "epochs": []}
         summary["stages"].append(stage_log)
@@ -344,27 +381,22 @@ def main(argv=None):
             sampler.set_epoch(stage, epoch)
             model.train()
             teacher.train()
-            t_epoch, loss_sum, pruned_sum = time.time(), 0.0, 0.0
-            for i, item in enumerate(loader):
-                x_q, x_k = to_views(item, views, device, layout)          # B x 3 x S x S each
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                    q = model(x_q)                                         # B x D
-                    k = teacher_keys(teacher, x_k, groups)                 # B x D, no grad
-                loss, pruned = criterion(q, k, bank.queue, args.temperature, t, return_pruned=True)  # section 6
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                ema_update(teacher, student, args.momentum_ema)
-                mon.observe(i, q, k, bank.queue)                           # the bank the loss saw
-                bank.enqueue(all_gather(k))                                # after the loss (MoCo order)
+            t_epoch, loss_sum, pruned_sum, pending = time.time(), 0.0, 0.0, []
+            for i, item in enumerate(device_batches(loader, device, views)):
+                x_q, x_k = to_views(item, views, layout)                   # B x 3 x S x S each
+                pending.append(train_step(x_q, x_k, model, teacher_fwd, bank, optimizer, args, t, criterion, groups,
+                                          mon, i))
                 step, steps_run = step + 1, steps_run + 1
-                loss_v, pruned_v = loss.item(), pruned.item()
-                if not math.isfinite(loss_v):                              # diverged: stop before writing anything
-                    raise runs.diverged("the loss", stage, level, epoch + 1, step, args)
-                loss_sum, pruned_sum = loss_sum + loss_v, pruned_sum + pruned_v
-                stage_log["losses"].append(loss_v)
-                run.step(step, loss=loss_v, pruned=pruned_v)
                 if (i + 1) % args.print_freq == 0 or i + 1 == steps_per_epoch:
+                    # the host reads the losses here only (one sync per print interval, not one per step)
+                    values = torch.stack([torch.stack([l.float(), p.float()]) for l, p in pending]).tolist()
+                    for s, (loss_v, pruned_v) in zip(range(step - len(pending) + 1, step + 1), values):
+                        if not math.isfinite(loss_v):                      # diverged: stop before writing anything
+                            raise runs.diverged("the loss", stage, level, epoch + 1, s, args)
+                        loss_sum, pruned_sum = loss_sum + loss_v, pruned_sum + pruned_v
+                        stage_log["losses"].append(loss_v)
+                        run.step(s, loss=loss_v, pruned=pruned_v)
+                    pending = []
                     eta = (time.time() - t_run) / steps_run * (total_steps - step)
                     say(f"level {level} epoch {epoch + 1}/{args.epochs} step {i + 1}/{steps_per_epoch} "
                         f"loss {loss_sum / (i + 1):.4f} lr {epoch_lr:.4g} pruned {100 * pruned_sum / (i + 1):.1f}% "
@@ -396,8 +428,8 @@ def validate(student, teacher, bank, val_images, level, t, *, ctx):
     student.eval()
     teacher.eval()
     total = torch.zeros((), device=device)
-    for item in loader:
-        x_q, x_k = to_views(item, ctx.views, device)
+    for item in device_batches(loader, device, ctx.views):
+        x_q, x_k = to_views(item, ctx.views)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             q, k = student(x_q), teacher(x_k)
         total += ctx.criterion(q, k, bank.queue, args.temperature, t)
@@ -429,10 +461,13 @@ def parse_args(argv=None):
     g.add_argument("--phantom-images", type=n1, default=1000, help="phantoms to generate when data/phantom is missing")
     g.add_argument("--workers", type=n0, default=None,
                    help="DataLoader workers per process (paper: 8, demo: 2); 0 = load in the main process")
-    g.add_argument("--gpu-views", action="store_true",
-                   help="make both views of the whole batch on the training device (adam_cxr/gpu_views.py) instead of per "
-                        "sample in the CPU workers: use it when `python bench.py pipeline` shows the workers cannot "
-                        "keep the GPU busy; needs a data_prep.py cache (images of one size)")
+    g.add_argument("--views", choices=["auto", "cpu", "device"], default="auto",
+                   help="where both views are made: 'cpu' = per sample in the DataLoader workers (torchvision), "
+                        "'device' = for the whole batch on the training device (adam_cxr/gpu_views.py; the workers "
+                        "only read the parts; needs a data_prep.py cache); 'auto' = device when training on CUDA "
+                        "from a cache, else cpu. `python bench.py train` times both (docs/gpu.md)")
+    g.add_argument("--gpu-views", dest="views", action="store_const", const="device",
+                   help="deprecated alias of --views device")
     g.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="fills every flag left unset; default: 'demo' for --data phantom, else 'paper'")
     g = p.add_argument_group("model")
@@ -459,6 +494,16 @@ def parse_args(argv=None):
     g.add_argument("--tf32", action="store_true",
                    help="CUDA: allow TF32 in float32 matmuls, so the loss's bank products run on tensor cores "
                         "(the fused op's tc kernel, or cuBLAS for --loss torch); off: the loss stays exact fp32")
+    g = p.add_argument_group("speed (the same training, other kernels; time each with `python bench.py train`)")
+    g.add_argument("--memory-format", choices=["auto", "channels_last", "contiguous"], default="auto",
+                   help="layout of the views and the convolutions; auto = channels_last on CUDA (what bf16 "
+                        "convolutions run fastest in, per NVIDIA's guides), contiguous on CPU")
+    g.add_argument("--fused-sgd", action="store_true",
+                   help="SGD as one fused kernel (torch.optim.SGD(fused=True)) instead of torch's default "
+                        "(foreach on CUDA: a few kernels per group of tensors)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the student and the teacher; where compiling fails they run eagerly (one "
+                        "warning). The first steps take minutes to compile: worth it for long runs only")
     g = p.add_argument_group("optimisation (authors' code: SGD, cosine per stage)")
     g.add_argument("--epochs", type=n1, default=None, help="epochs per stage (paper: 200)")
     g.add_argument("--steps-per-epoch", type=n1, default=None,
@@ -483,7 +528,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.resume:  # the saved flags become the defaults; what the user passes again wins
         ckpt = runs.load_checkpoint(Path(args.resume) / "checkpoint.pth", keys=runs.CHECKPOINT_KEYS)
-        p.set_defaults(**{k: v for k, v in ckpt["args"].items() if k not in ("resume", "out", "overwrite")})
+        saved = {k: v for k, v in ckpt["args"].items() if k not in ("resume", "out", "overwrite")}
+        if saved.pop("gpu_views", False):  # runs saved before --views had --gpu-views
+            saved.setdefault("views", "device")
+        p.set_defaults(**saved)
         args = p.parse_args(argv)
         given = sys.argv[1:] if argv is None else argv
         args.out = args.out if "--out" in given else args.resume
@@ -507,7 +555,7 @@ class Context:
     device: torch.device
     rank: int = 0                  # this process among world (torchrun)
     world: int = 1
-    views: object = None           # BatchViews for --gpu-views; None: the loader's workers make the views
+    views: object = None           # BatchViews for --views device; None: the loader's workers make the views
     criterion: object = None       # the loss function (choose_loss): info_nce or the fused op
 
     @property
@@ -567,9 +615,37 @@ def loss_record(criterion):
     return {"loss": "pure-PyTorch reference" if criterion is info_nce else "fused adam_ext op", "adam_ext": build}
 
 
-def open_data(args, world):
-    """--data -> (train images, validation images or None, BatchViews for --gpu-views or None), checked against
-    --batch-size, --gpu-views and --levels. Under torchrun rank 0 generates a missing phantom, the others wait."""
+def build_models(args, device, world, batch):
+    """Student (f_theta, h_theta), teacher (its copy, section 4), bank (section 5), and what the step calls: model
+    (the student, under DDP across processes, compiled with --compile), the teacher as called; the shuffle-BN groups
+    (default: 64 images a group per process, section 7) and the views' memory format."""
+    groups = args.bn_groups or max(1, batch // 64)
+    student = Encoder(args.arch, args.dim, groups).to(device)
+    teacher = copy.deepcopy(student).requires_grad_(False)         # xi initialised as a copy of theta
+    cuda = device.type == "cuda"
+    layout = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format,
+              "auto": torch.channels_last if cuda else torch.contiguous_format}[args.memory_format]
+    student, teacher = student.to(memory_format=layout), teacher.to(memory_format=layout)
+    bank = MemoryBank(args.queue_size, args.dim, device, torch.Generator().manual_seed(args.seed))
+    model = nn.parallel.DistributedDataParallel(student, device_ids=[device] if cuda else None) \
+        if world > 1 else student
+    teacher_fwd = teacher
+    if args.compile:
+        import torch._dynamo as dynamo
+        dynamo.config.suppress_errors = True  # what fails to compile runs eagerly, with a warning
+        model, teacher_fwd = torch.compile(model), torch.compile(teacher)
+    return student, teacher, bank, model, teacher_fwd, groups, layout
+
+
+def make_optimizer(student, lr, args):
+    """The authors' SGD (momentum, weight decay); --fused-sgd: torch's fused kernel, else its default."""
+    return torch.optim.SGD(student.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.wd,
+                           fused=args.fused_sgd or None)
+
+
+def open_data(args, world, device):
+    """--data -> (train images, validation images or None, BatchViews for device views or None), checked against
+    --batch-size, --views and --levels. Under torchrun rank 0 generates a missing phantom, the others wait."""
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
     wait = args.data == "phantom" and dist.is_initialized()
@@ -581,12 +657,12 @@ def open_data(args, world):
     if len(train_images or ()) < args.batch_size:
         raise ValueError(f"--data {args.data}: train split has {len(train_images or ())} images, fewer than "
                          f"--batch-size {args.batch_size}")
+    cache = isinstance(train_images, data_prep.CacheImages)
     views = None
-    if args.gpu_views:  # both views of a batch made on the training device
-        if not isinstance(train_images, data_prep.CacheImages):
-            raise ValueError(f"--gpu-views needs a data_prep.py cache (images of one size); --data {args.data} is a "
-                             f"folder: prepare it with `python data_prep.py folder --src {args.data} --out <cache>`")
-        from adam_cxr.gpu_views import BatchViews  # imported only for --gpu-views
+    if args.views == "device" or (args.views == "auto" and device.type == "cuda" and cache):
+        if not cache:  # both views of a batch made on the training device, from parts of one size
+            raise ValueError(f"--views device needs a data_prep.py cache (images of one size); --data {args.data} is "
+                             f"a folder: prepare it with `python data_prep.py folder --src {args.data} --out <cache>`")
         views = BatchViews(args.img_size)
     (h, w), n = train_images[0].shape[1:], max(args.level_list)   # our floor: finest parts >= 1/4 of the view
     if min(h >> (n // 2), w >> ((n + 1) // 2)) < args.img_size / 4:
@@ -598,9 +674,10 @@ def open_data(args, world):
 
 
 def make_loader(images, level, *, num_samples, seed, ctx):
-    """(DataLoader, PartSampler) of num_samples (index, seed) samples of this process's shard at this level."""
-    return loader_of(AdamViews(images, level, ctx.args.img_size, ctx.args.gpu_views), num_samples=num_samples,
-                     seed=seed, ctx=ctx)
+    """(DataLoader, PartSampler) of num_samples (index, seed) samples of this process's shard at this level: AdamViews
+    (ctx.views: BatchViews for device views), in pinned memory where there is CUDA."""
+    return loader_of(AdamViews(images, level, ctx.args.img_size, ctx.views), num_samples=num_samples, seed=seed,
+                     ctx=ctx)
 
 
 def loader_of(dataset, *, num_samples, seed, ctx):
@@ -615,12 +692,43 @@ def loader_of(dataset, *, num_samples, seed, ctx):
     return loader, sampler
 
 
-def to_views(item, views, device, memory_format=torch.preserve_format):
-    """A loader batch -> (x_q, x_k) on device, in memory_format (one copy each: transfer and layout together).
-    --gpu-views: (images, parts, seeds) -> BatchViews there."""
-    if views is not None:
-        item = views(item[0].to(device, non_blocking=True), *item[1:])
-    return tuple(x.to(device, non_blocking=True, memory_format=memory_format) for x in item)
+def device_batches(loader, device, views=None):
+    """The loader's batches with their tensors on `device`; with device views (views: BatchViews) the views'
+    parameters stay on the host, pinned (BatchViews reads them there). On CUDA each batch is copied from pinned
+    memory, non_blocking, on a side stream, and the next batch's copy is issued before this one is handed out, so
+    that it runs during this step."""
+    if device.type != "cuda":
+        yield from loader
+        return
+    host = 1 if views is not None else None  # the position of the parameters in a device-views batch
+    current, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+
+    def copy_ahead(item):
+        with torch.cuda.stream(side):
+            return [x if i == host else x.to(device, non_blocking=True) for i, x in enumerate(item)]
+
+    def hand_over(batch):
+        current.wait_stream(side)  # its copy ends before the step's kernels start (the device waits, not the host)
+        for i, x in enumerate(batch):
+            if i != host:
+                x.record_stream(current)  # made on `side`, used on `current`: not reused before the step ends
+        return batch
+
+    ready = None
+    for item in loader:
+        batch = hand_over(ready) if ready is not None else None
+        ready = copy_ahead(item)   # issued after the wait: overlaps the step that uses `batch`
+        if batch is not None:
+            yield batch
+    if ready is not None:
+        yield hand_over(ready)
+
+
+def to_views(item, views, memory_format=torch.preserve_format):
+    """A batch on its device (device_batches) -> (x_q, x_k), B x 3 x S x S float, normalised, in memory_format: the
+    workers' uint8 views, or with device views (parts, parameters of both views) -> BatchViews, for the whole batch."""
+    x_q, x_k = views.make(*item) if views is not None else (x.float() / 255 for x in item)  # [0, 1]
+    return tuple(imagenet_normalise(x).to(memory_format=memory_format) for x in (x_q, x_k))
 
 
 if __name__ == "__main__":

@@ -11,17 +11,21 @@
 #   smoke     python bench.py selfcheck --scale full: every kernel variant (simple f32/f64/bf16/f16, tiled and
 #             tc at each D they serve, gradient term on and off, blocks that walk many bank tiles, the misaligned
 #             fallback, a NaN bank row) against float64 adam.info_nce; torch.profiler records the kernel that ran
-#   test      tests/test_fused_op.py on CUDA (every kernel; multi-tile shapes)
+#   train     the paper preset (ResNet-50, 224 px, bf16 autocast, batch 256, K = 65536) at level 4 on phantoms:
+#             bench.py train's rows - the step alone, + the monitor on every step, fed by device views, by the
+#             CPU loader (12 workers), by kornia's views when kornia is installed - as train_table.md; then
+#             bench.py loader (CPU ms per image of the device-views loader, into real pinned memory)
+#   test      tests/test_fused_op.py on CUDA (every kernel; multi-tile shapes; the bad-input cases)
+#   adam      adam.py itself, as a user runs it (--views auto, 3 epochs x 10 steps): images/s from log.jsonl
+#   candidates  bench.py train's step alone with each candidate switched on: --fused-sgd, --memory-format
+#             contiguous (against the default channels_last), --compile; compare with train's step row
 #   sanitize  compute-sanitizer memcheck, racecheck, initcheck on selfcheck --scale small, only the op's kernels,
 #             PyTorch's caching allocator off (so an overrun into a neighbouring buffer is seen)
 #   bench     bench.py at its default shape, every path
-#   train     ResNet-50, 224 px, paper preset (batch 256, K = 65536, bf16 autocast), level 4, 30 steps on
-#             phantoms, --loss fused, --loss torch and --gpu-views; images/s per epoch from log.jsonl; then
-#             bench.py pipeline (the input pipeline alone) with the CPU workers and with --gpu-views
 #   sweep     bench.py --sweep with whatever time is left
 # Each step runs under min(its cap, deadline - now); a step with less than MIN_STEP s left is skipped and says so.
-# After every step $OUT holds summary.txt, logs.tar.gz, selfcheck.md/.json and BENCHMARKS_cuda.md (the table
-# for BENCHMARKS.md), so a call killed at its limit still returns what ran.
+# After every step $OUT holds summary.txt, logs.tar.gz, selfcheck.md/.json, train_table.md and BENCHMARKS_cuda.md
+# (the tables for BENCHMARKS.md), so a call killed at its limit still returns what ran.
 # Environment: OUT (default gpu_out), WORK (default /tmp/gpu_check), BUDGET (s, default 540), PYTHON
 # (default python3), GIT_COMMIT (the commit under test, recorded in the summary; the device machine gets the
 # working tree without .git). Wheels in .whl/ are installed into /tmp/site first (the GPU image has no network).
@@ -36,7 +40,7 @@ for a in "$@"; do
   *) STAGES+=("$a") ;;
   esac
 done
-[ ${#STAGES[@]} -gt 0 ] || STAGES=(env build smoke test sanitize bench train sweep)
+[ ${#STAGES[@]} -gt 0 ] || STAGES=(env build smoke train test adam candidates sanitize bench sweep)
 OUT=${OUT:-gpu_out}
 WORK=${WORK:-/tmp/gpu_check}
 BUDGET=${BUDGET:-540}
@@ -53,7 +57,7 @@ say() { echo "== $*" | tee -a "$WORK/summary.txt"; }
 left() { echo $((BUDGET - (SECONDS - T0))); }
 save() {  # after every step
   cp "$WORK/summary.txt" "$OUT/summary.txt" 2>/dev/null
-  for f in BENCHMARKS_cuda.md selfcheck.md selfcheck.json; do [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/"; done
+  for f in BENCHMARKS_cuda.md selfcheck.md selfcheck.json train_table.md; do [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/"; done
   tar -C "$WORK" -czf "$OUT/logs.tar.gz" --exclude='phantom*' --exclude='run_*' . 2>/dev/null
 }
 step() {  # step NAME CAP CMD...: CMD's output to $WORK/NAME.txt under min(CAP, time left); records rc and seconds
@@ -82,9 +86,9 @@ CS=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/com
 say "gpu_check $(date -u '+%F %T UTC') commit ${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo '?')}" \
     "$([ $DRY = 1 ] && echo 'DRY RUN on CPU ')budget ${BUDGET} s, stages: ${STAGES[*]}"
 
-# Phantoms for the train stage, made in the background while the build runs (CPU-bound, all cores).
+# Phantoms for the train and candidates stages, made in the background while the build runs (CPU-bound, all cores).
 PHANTOM=$WORK/phantom
-if [[ " ${STAGES[*]} " == *" train "* ]] && [ ! -f "$PHANTOM/meta.json" ]; then
+if [[ " ${STAGES[*]} " =~ " "(train|adam|candidates)" " ]] && [ ! -f "$PHANTOM/meta.json" ]; then
   if [ $DRY = 1 ]; then
     $PY data_prep.py phantom --num-images 48 --size 64 --out "$PHANTOM" --workers 1 > "$WORK/phantom.txt" 2>&1 &
   else
@@ -148,28 +152,41 @@ for stage in "${STAGES[@]}"; do
       step bench 150 $PY bench.py --device cuda --paths torch,loop,fused,fused_simple,fused_tc,torch_tf32 --md "$WORK/BENCHMARKS_cuda.md"
     fi
     ;;
-  train)
-    [ -n "${PHANTOM_PID:-}" ] && { wait "$PHANTOM_PID"; say "phantom: $(tail -c 200 "$WORK/phantom.txt" | tr '\r' '\n' | tail -n 1)"; }
+  train | adam | candidates)
+    [ -n "${PHANTOM_PID:-}" ] && { wait "$PHANTOM_PID"; say "phantom: $(tail -c 200 "$WORK/phantom.txt" | tr '\r' '\n' | tail -n 1)"; PHANTOM_PID=; }
     if [ $DRY = 1 ]; then
-      TRAIN="$PY adam.py --data $PHANTOM --arch resnet18 --img-size 32 --batch-size 8 --queue-size 64 --levels 2
-             --epochs 1 --steps-per-epoch 2 --workers 0 --device cpu --val-steps 1 --print-freq 1"
+      FLAGS="--data $PHANTOM --arch resnet18 --img-size 32 --batch-size 8 --queue-size 64 --levels 2 --workers 0
+             --device cpu --val-steps 1 --print-freq 1"
+      STEPS="--steps 2 --warmup 1"
     else
-      # 4000 phantoms: 2800 train images = 10 steps of 256 per epoch; 3 epochs; one validation batch each.
-      TRAIN="$PY adam.py --data $PHANTOM --preset paper --device cuda --levels 4 --workers 12
-             --epochs 3 --steps-per-epoch 10 --print-freq 5 --val-steps 1"
+      # 4000 phantoms (256 px): 2800 train images, 10 steps of 256 per pass; the loader loops over them.
+      FLAGS="--data $PHANTOM --preset paper --device cuda --levels 4 --workers 12 --val-steps 1 --print-freq 5"
+      STEPS="--steps 20 --warmup 5"
     fi
-    for run in fused torch gpu_views; do
-      rm -rf "$WORK/run_$run"
-      flags="--loss $run"
-      [ $run = gpu_views ] && flags="--loss fused --gpu-views"
-      step "train_$run" 150 $TRAIN $flags --out "$WORK/run_$run"
-      [ -f "$WORK/run_$run/log.jsonl" ] && cp "$WORK/run_$run/log.jsonl" "$WORK/train_${run}_log.jsonl" \
-        && sed 's/^/   /' "$WORK/run_$run/log.jsonl" | tee -a "$WORK/summary.txt"
-    done
-    # The input pipeline alone (no model): the CPU workers' views against BatchViews on the device.
-    PIPE="$PY bench.py pipeline --batches $([ $DRY = 1 ] && echo 2 || echo 20) ${TRAIN#"$PY adam.py"}"
-    step pipeline_workers 100 $PIPE
-    step pipeline_gpu_views 100 $PIPE --gpu-views
+    case $stage in
+    train)
+      ROWS=step,monitor,device,cpu
+      $PY -c "import kornia" 2> /dev/null && ROWS=$ROWS,kornia || say "kornia row: skipped (kornia is not importable; put its wheels in .whl/)"
+      rm -f "$WORK/train_table.md"
+      step train_bench 180 $PY bench.py train $STEPS --rows $ROWS --md "$WORK/train_table.md" $FLAGS
+      [ -f "$WORK/train_table.md" ] && sed 's/^/   /' "$WORK/train_table.md" | tee -a "$WORK/summary.txt"
+      step loader 60 $PY bench.py loader --batches $([ $DRY = 1 ] && echo 2 || echo 5) $FLAGS --levels 0,2,4 --val-steps 0
+      ;;
+    adam)  # the views where --views auto puts them, the monitor, print steps, validation, checkpoints
+      rm -rf "$WORK/run_adam"
+      step train_adam 120 $PY adam.py $FLAGS --epochs 3 --steps-per-epoch $([ $DRY = 1 ] && echo 2 || echo 10) \
+        --out "$WORK/run_adam"
+      [ -f "$WORK/run_adam/log.jsonl" ] && cp "$WORK/run_adam/log.jsonl" "$WORK/train_adam_log.jsonl" \
+        && sed 's/^/   /' "$WORK/run_adam/log.jsonl" | tee -a "$WORK/summary.txt"
+      ;;
+    candidates)  # each alone, against the train stage's step row (same machine, same call)
+      step candidate_fused_sgd 60 $PY bench.py train $STEPS --rows step $FLAGS --fused-sgd
+      step candidate_contiguous 60 $PY bench.py train $STEPS --rows step $FLAGS --memory-format contiguous
+      if [ $DRY = 1 ]; then skip candidate_compile "dry run: compiling a ResNet takes minutes on the CPU"; else
+        step candidate_compile 200 $PY bench.py train --steps 20 --warmup 3 --rows step $FLAGS --compile
+      fi
+      ;;
+    esac
     save
     ;;
   sweep)
@@ -179,7 +196,7 @@ for stage in "${STAGES[@]}"; do
     fi
     ;;
   *)
-    say "unknown stage '$stage' (env build smoke test sanitize bench train sweep)"; exit 2
+    say "unknown stage '$stage' (env build smoke train test adam candidates sanitize bench sweep)"; exit 2
     ;;
   esac
 done

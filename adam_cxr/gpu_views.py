@@ -1,11 +1,11 @@
-"""Both views of a whole batch on its device (`adam.py --gpu-views`): the augmentation of adam.AdamViews
+"""Both views of a whole batch on its device (`adam.py --views device`): the augmentation of adam.AdamViews
 (docs/METHOD.md §3), batched. AdamViews, torchvision's per-sample transforms, is the readable reference;
 tests/test_gpu_views.py checks every step of BatchViews against it.
 
-Per-sample torchvision on CPU workers makes far fewer images per second than a GPU trains on (README.md,
-"Input pipeline speed"; time yours with `python bench.py pipeline`). With --gpu-views the workers return
-the full cached image, the AD's part box and a seed; BatchViews draws every random parameter on the CPU
-from that seed (the same on any device) and then transforms the whole batch with tensor ops.
+Per-sample torchvision on CPU workers makes far fewer images per second than a GPU trains on (docs/gpu.md; time
+yours with `python bench.py train`). With device views the workers return the AD's part (uint8) and the random
+parameters of both views, drawn on the CPU from the sample's seed (the same on any device, see draw); BatchViews
+then transforms the whole batch with tensor ops and returns views in [0, 1] (adam.py normalises them).
 Differences from the per-sample reference, all small:
 - crop, resize and rotation are ONE bilinear interpolation in float (the reference does four in uint8,
   rounding between them) and the rotation is bilinear (RandomRotation's default is nearest);
@@ -18,8 +18,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from adam import imagenet_normalise
 
 
 def random_crop_box(height, width, u, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -41,6 +39,15 @@ def random_crop_box(height, width, u, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def to_device(t, device):
+    """A small host tensor (parameters, indices) -> device without a host sync: a blocking host-to-device copy
+    first waits for every kernel queued before it. From pinned memory (the loader's, or pinned here), non_blocking;
+    the caching host allocator keeps the pinned block until the copy has run."""
+    if device.type != "cuda":
+        return t.to(device)
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+
+
 def sample_mip(x, grid, step):
     """F.grid_sample (bilinear) of x (B x C x H x W) at grid (B x S x S x 2), reading sample i from x pooled
     2^l times, l = round(log2(step_i)), step = source pixels per output pixel: a cheap stand-in for the
@@ -49,7 +56,7 @@ def sample_mip(x, grid, step):
     levels = step.log2().round().clamp(min=0).long().tolist()
     out = x.new_empty(x.shape[0], x.shape[1], grid.shape[1], grid.shape[2])  # B x C x S x S
     for level in sorted(set(levels)):
-        idx = torch.tensor([i for i, l in enumerate(levels) if l == level], device=x.device)
+        idx = to_device(torch.tensor([i for i, l in enumerate(levels) if l == level]), x.device)
         src = x if len(idx) == len(levels) else x[idx]                  # one level for all: no copy
         for _ in range(level):
             src = F.avg_pool2d(src, 2)
@@ -65,21 +72,31 @@ def hue_shift(x, shift):
     v0, d = v.squeeze(1), c.squeeze(1).clamp(min=1e-12)  # c = 0: grey, any hue gives the same pixel
     h = torch.where(v0 == r, (g - b) / d, torch.where(v0 == g, (b - r) / d + 2, (r - g) / d + 4))
     h = (h.unsqueeze(1) / 6 + shift.view(-1, 1, 1, 1)) % 1                          # B x 1 x H x W, turns
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + 6 * h) % 6
+    k = (to_device(torch.tensor([5.0, 3.0, 1.0]), x.device).view(1, 3, 1, 1) + 6 * h) % 6
     return v - c * torch.minimum(k, 4 - k).clamp(0, 1)                            # HSV -> RGB
 
 
-class BatchViews(nn.Module):
-    """Two views (docs/METHOD.md §3) of one AD part per sample, for a batch: forward(x, boxes, seeds) -> (x_q, x_k).
+# The parameters of one view of one sample, a row of BatchViews.draw: the crop box in x (top, left, h, w), the
+# rotation in degrees, the jitter's factors (brightness, contrast, saturation, hue; identities when not applied)
+# and its order (op ids), the blur's sigma (0 = no blur). One float64 row (integers and float32 values exact), so
+# that a worker ships, and the device receives, one tensor per batch.
+CROP, ANGLE, JITTER, ORDER, SIGMA = slice(0, 4), 4, slice(5, 9), slice(9, 13), 13
 
-    x: B x C x H x W uint8 full images (C = 1 or 3, any device), boxes: B x 4 (top, left, h, w) the parts,
-    seeds: B int64. Per view and sample (parameters from a CPU generator seeded by the sample's seed):
+
+class BatchViews(nn.Module):
+    """Two views (docs/METHOD.md §3) of one AD part per sample, for a batch: forward(x, boxes, seeds) -> (x_q, x_k),
+    or make(x, params) with parameters drawn before (adam.py draws them in the DataLoader workers).
+
+    x: B x C x H x W uint8 images or parts (C = 1 or 3, any device), boxes: B x 4 (top, left, h, w) the parts in
+    x, seeds: B int64. Per view and sample (parameters from a CPU generator seeded by the sample's seed):
       1. random resized crop in the part (scale 0.2-1, ratio 3/4-4/3) + rotation +-30 deg: one affine map,
-         one F.grid_sample of the full image; what the rotation brings in from outside the crop is 0;
+         one F.grid_sample of x; what the rotation brings in from outside the crop is 0;
       2. colour jitter with p = 0.8: brightness, contrast, saturation 0.4, hue 0.1, in random order
          (saturation and hue leave grey unchanged, so grey images skip them);
-      3. Gaussian blur with p = 0.5, sigma ~ U(0.1, 2.0) * S/224, kernel 2 round(11 S/224) + 1;
-      4. grey -> 3 channels, ImageNet mean/std. Returns two B x 3 x S x S float32 tensors on x's device."""
+      3. Gaussian blur with p = 0.5, sigma ~ U(0.1, 2.0) * S/224, kernel 2 round(11 S/224) + 1.
+    Returns two B x C x S x S float32 tensors in [0, 1] on x's device (adam.imagenet_normalise follows).
+    No host sync: the parameters stay on the host where a choice depends on them, and reach the device by
+    non_blocking copies (to_device), so the host can queue the next step while the device runs this one."""
 
     def __init__(self, img_size):
         super().__init__()
@@ -87,40 +104,47 @@ class BatchViews(nn.Module):
         self.size, self.sigma, self.radius = img_size, (0.1 * s, 2.0 * s), round(11 * s)
 
     def draw(self, boxes, seeds):
-        """The random parameters of both views, on the CPU: two dicts of tensors, one row per sample.
-        crop: B x 4 (top, left, h, w) image pixels; angle: B degrees; jitter: B x 4 factors (brightness,
-        contrast, saturation, hue; identities when not applied); order: B x 4 op ids; sigma: B (0 = no blur)."""
-        views = [{"crop": [], "angle": [], "jitter": [], "order": [], "sigma": []} for _ in range(2)]
+        """The random parameters of both views, on the CPU: B x 2 x 14 float64, a row per sample and view in the
+        layout of CROP, ANGLE, JITTER, ORDER, SIGMA. boxes: B x 4 parts in x, seeds: B. One generator per sample,
+        seeded by its seed: the same parameters on any device, in any batch, in a worker or not."""
+        rows = []
         for (top, left, h, w), seed in zip(boxes.tolist(), seeds.tolist()):
             g = torch.Generator().manual_seed(seed)
-            for p, u in zip(views, torch.rand(2, 34, generator=g, dtype=torch.float64).tolist()):
+            for u in torch.rand(2, 34, generator=g, dtype=torch.float64).tolist():
                 i, j, ch, cw = random_crop_box(h, w, u[:22])
-                p["crop"].append((top + i, left + j, ch, cw))
-                p["angle"].append(-30 + 60 * u[22])
-                p["jitter"].append((0.6 + 0.8 * u[24], 0.6 + 0.8 * u[25], 0.6 + 0.8 * u[26], -0.1 + 0.2 * u[27])
-                                   if u[23] < 0.8 else (1.0, 1.0, 1.0, 0.0))
-                p["order"].append(sorted(range(4), key=lambda op: u[28 + op]))  # a uniform permutation
-                p["sigma"].append(self.sigma[0] + (self.sigma[1] - self.sigma[0]) * u[33] if u[32] < 0.5 else 0.0)
-        return [{k: torch.tensor(v, dtype=torch.float32 if k != "order" else torch.int64)
-                 for k, v in p.items()} for p in views]
+                jitter = (0.6 + 0.8 * u[24], 0.6 + 0.8 * u[25], 0.6 + 0.8 * u[26], -0.1 + 0.2 * u[27]) \
+                    if u[23] < 0.8 else (1.0, 1.0, 1.0, 0.0)
+                order = sorted(range(4), key=lambda op: u[28 + op])  # a uniform permutation
+                sigma = self.sigma[0] + (self.sigma[1] - self.sigma[0]) * u[33] if u[32] < 0.5 else 0.0
+                rows.append((top + i, left + j, ch, cw, -30 + 60 * u[22], *jitter, *order, sigma))
+        return torch.tensor(rows, dtype=torch.float64).view(len(seeds), 2, 14)
 
-    @torch.no_grad()
     def forward(self, x, boxes, seeds):
-        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3):
-            raise ValueError(f"BatchViews: x must be B x C x H x W uint8, C = 1 or 3; got {x.dtype} {tuple(x.shape)}")
         if boxes.shape != (x.shape[0], 4) or seeds.shape != (x.shape[0],):
             raise ValueError(f"BatchViews: boxes must be B x 4 and seeds B for B = {x.shape[0]}, "
                              f"got {tuple(boxes.shape)} and {tuple(seeds.shape)}")
-        x = x.float() / 255                                                  # B x C x H x W in [0, 1]
-        p_q, p_k = self.draw(boxes, seeds)
-        return self.views_with(x, p_q), self.views_with(x, p_k)
+        return self.make(x, self.draw(boxes, seeds))
 
-    def views_with(self, x, p):
-        """One view of each sample with given parameters p (see draw). x: B x C x H x W float in [0, 1]."""
+    @torch.no_grad()
+    def make(self, x, params):
+        """Both views of x (B x C x H x W uint8) with the parameters of draw (B x 2 x 14, on the host; pinned, the
+        loader's, they reach the device in one non_blocking copy)."""
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(f"BatchViews: x must be B x C x H x W uint8, C = 1 or 3; got {x.dtype} {tuple(x.shape)}")
+        if params.shape != (x.shape[0], 2, 14):
+            raise ValueError(f"BatchViews: params must be B x 2 x 14 for B = {x.shape[0]}, got {tuple(params.shape)}")
+        x = x.float() / 255                                                  # B x C x H x W in [0, 1]
+        on_device = to_device(params, x.device).float()
+        return tuple(self.views_with(x, params[:, v], on_device[:, v]) for v in (0, 1))
+
+    def views_with(self, x, p, p_dev=None):
+        """One view of each sample with parameters p (B x 14 host rows, see draw; p_dev: the same on x's device).
+        x: B x C x H x W float in [0, 1]."""
         B, C, H, W = x.shape
         S, dev = self.size, x.device
-        top, left, h, w = p["crop"].to(dev).unbind(1)                        # B each
-        a = p["angle"].to(dev) * math.pi / 180
+        p_dev = to_device(p, dev).float() if p_dev is None else p_dev
+        top, left, h, w = p_dev[:, CROP].unbind(1)                           # B each
+        a = p_dev[:, ANGLE] * math.pi / 180
         zero = torch.zeros_like(a)
         # rotation (inverse map, as torchvision's rotate): view -> resized crop, both [-1, 1] and square
         rot = torch.stack([torch.stack([a.cos(), -a.sin(), zero], 1), torch.stack([a.sin(), a.cos(), zero], 1)], 1)
@@ -128,22 +152,21 @@ class BatchViews(nn.Module):
         # resized crop -> image: [-1, 1] of the crop spans pixels left .. left + w - 1 (centres), likewise y
         scale = torch.stack([w / W, h / H], 1).view(B, 1, 1, 2)
         shift = torch.stack([(2 * left + w) / W - 1, (2 * top + h) / H - 1], 1).view(B, 1, 1, 2)
-        step = p["crop"][:, 2:].amax(1) / S                                  # source px per view px (CPU)
+        step = p[:, CROP][:, 2:].amax(1) / S                                 # source px per view px (host)
         y = sample_mip(x, g * scale + shift, step)                          # B x C x S x S
         # torchvision's rotate fills 0 where its bilinear reads outside the crop: the same weight here
         u = ((g + 1) * S - 1) / 2                                            # crop pixel coordinates
         mask = torch.minimum(u + 1, S - u).clamp(0, 1).prod(-1).unsqueeze(1)  # B x 1 x S x S
-        y = self.jitter(y, p["jitter"].to(dev), p["order"], mask)
-        y = self.blur(y, p["sigma"]) * mask
-        return imagenet_normalise(y)                                         # B x 3 x S x S
+        y = self.jitter(y, p_dev[:, JITTER], p[:, ORDER].long(), mask, p_dev[:, ORDER].long())
+        return self.blur(y, p[:, SIGMA]) * mask                             # B x C x S x S in [0, 1]
 
     @staticmethod
-    def jitter(x, factors, order, mask=None):
+    def jitter(x, factors, order, mask=None, order_dev=None):
         """ColorJitter with per-sample factors (B x 4: brightness, contrast, saturation, hue) applied in
         per-sample order (B x 4 op ids), as torchvision.transforms.v2.functional on float images: x: B x C x
         H x W in [0, 1]. Contrast's mean is over mask (B x 1 x H x W weights) when given. order on the CPU:
-        choosing the ops then needs no device sync."""
-        bri, con, sat, hue = factors.view(-1, 4, 1, 1, 1).unbind(1)         # B x 1 x 1 x 1 each
+        choosing the ops then needs no device sync; its copy on the device (order_dev) selects each sample's op."""
+        bri, con, sat, hue = factors.reshape(-1, 4, 1, 1, 1).unbind(1)      # B x 1 x 1 x 1 each
         grey = (lambda y: y) if x.shape[1] == 1 else \
             (lambda y: (0.2989 * y[:, 0] + 0.587 * y[:, 1] + 0.114 * y[:, 2]).unsqueeze(1))
         weight = torch.ones_like(x[:, :1]) if mask is None else mask
@@ -152,25 +175,25 @@ class BatchViews(nn.Module):
                lambda y: (con * y + (1 - con) * mean(y)).clamp(0, 1),
                lambda y: (sat * y + (1 - sat) * grey(y)).clamp(0, 1),
                lambda y: hue_shift(y, hue)]
+        order_dev = to_device(order, x.device) if order_dev is None else order_dev
         for slot in range(4):
             for op in range(2 if x.shape[1] == 1 else 4):                    # grey: saturation, hue = identity
-                pick = order[:, slot].cpu() == op
-                if pick.any():
-                    x = torch.where(pick.to(x.device).view(-1, 1, 1, 1), ops[op](x), x)
+                if (order[:, slot].cpu() == op).any():
+                    x = torch.where((order_dev[:, slot] == op).view(-1, 1, 1, 1), ops[op](x), x)
         return x
 
     def blur(self, x, sigma):
         """Gaussian blur of the samples with sigma > 0 (B; 0 = leave as is), reflect padding, torchvision's
         kernel: one grouped separable convolution with a kernel per sample. x: B x C x S x S float."""
-        sigma = sigma.cpu()                                                  # choosing samples: no device sync
+        sigma = sigma.cpu().to(x.dtype)                                      # choosing samples: no device sync
         on = (sigma > 0).nonzero().squeeze(1)
         if len(on) == 0:
             return x
         n, C, Hs, Ws = len(on), *x.shape[1:]
         r = self.radius
         t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
-        k = torch.softmax(-(t / sigma[on, None].to(x.device)) ** 2 / 2, dim=1).repeat_interleave(C, 0)  # nC x (2r+1)
-        on = on.to(x.device)
+        k = torch.softmax(-(t / to_device(sigma[on, None], x.device)) ** 2 / 2, dim=1).repeat_interleave(C, 0)  # nC x (2r+1)
+        on = to_device(on, x.device)
         y = F.pad(x[on].reshape(1, n * C, Hs, Ws), (r, r, r, r), mode="reflect")
         y = F.conv2d(y, k.view(n * C, 1, 1, -1), groups=n * C)              # along x
         y = F.conv2d(y, k.view(n * C, 1, -1, 1), groups=n * C)              # along y

@@ -8,7 +8,6 @@ every mode; MODE's words switch the rest: "crop" = crop scale 0.5-1 instead of 0
 import sys
 from pathlib import Path
 
-import torch
 import torchvision.transforms.v2 as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -18,14 +17,14 @@ mode = sys.argv[1] if len(sys.argv) > 1 else "crop_nojitter"
 original_init = adam.AdamViews.__init__
 
 
-def probe_init(self, images, level, img_size, gpu_views=False):
-    original_init(self, images, level, img_size, gpu_views)
+def probe_init(self, images, level, img_size, *rest):
+    original_init(self, images, level, img_size, *rest)
     views = [T.RandomResizedCrop(img_size, scale=(0.5, 1.0) if "crop" in mode else (0.2, 1.0), antialias=True)]
     if "nojitter" not in mode:
         views.append(T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8))
     if "norot" not in mode:
         views.append(T.RandomRotation(30))
-    self.view = T.Compose(views + [T.ToDtype(torch.float32, scale=True)])
+    self.view = T.Compose(views)  # uint8 views, as AdamViews' own
 
 
 adam.AdamViews.__init__ = probe_init

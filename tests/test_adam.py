@@ -285,11 +285,100 @@ def test_trains_on_a_prepared_chestxray14_cache(tmp_path):
     assert s["stages"][1]["epochs"][0]["val_loss"] is not None  # the cache's val split is used
 
 
-def test_gpu_views_path_trains_and_needs_a_cache(phantom_root, tmp_path):
-    """--gpu-views (BatchViews, tested against torchvision in test_gpu_views.py) runs the same training loop,
-    here on the CPU, with workers returning (image, part, seed); a plain folder is refused by name."""
-    s = run(phantom_root, tmp_path / "run", "--gpu-views", "--workers", "1")
+def test_device_views_path_trains_and_needs_a_cache(phantom_root, tmp_path, capsys):
+    """--views device (BatchViews, tested against torchvision in test_gpu_views.py) runs the same training loop,
+    here on the CPU, with workers returning (part, parameters of both views); a plain folder is refused by name.
+    --gpu-views is the deprecated alias; auto picks the CPU workers on a CPU."""
+    s = run(phantom_root, tmp_path / "run", "--views", "device", "--workers", "1")
     assert [len(st["losses"]) for st in s["stages"]] == [3, 3]
     assert all(np.isfinite(st["losses"]).all() for st in s["stages"])
-    with pytest.raises(ValueError, match="--gpu-views needs a data_prep.py cache"):
-        adam.main(["--data", str(phantom_root / "png"), "--gpu-views", "--batch-size", "4", "--out", str(tmp_path / "x")])
+    assert "views on cpu (BatchViews)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--views device needs a data_prep.py cache"):
+        adam.main(["--data", str(phantom_root / "png"), "--views", "device", "--batch-size", "4",
+                   "--out", str(tmp_path / "x")])
+    assert adam.parse_args(["--gpu-views"]).views == "device" and adam.parse_args([]).views == "auto"
+    images, _, views = adam.open_data(adam.parse_args(TINY_RUN + ["--data-root", str(phantom_root)]), 1,
+                                      torch.device("cpu"))
+    assert views is None  # auto on a CPU: the workers make the views
+
+
+def _cache_images(array):
+    """A data_prep.CacheImages over an in-memory N x H x W uint8 array (all rows in the split)."""
+    import data_prep
+    images = data_prep.CacheImages.__new__(data_prep.CacheImages)
+    images.images, images.rows, images.name = array, list(range(len(array))), "array"
+    return images
+
+
+@pytest.mark.parametrize("height,width,level", [(64, 64, 2), (37, 53, 3)])
+def test_device_views_samples_are_the_part_and_its_views_parameters(height, width, level):
+    """What a worker ships for device views: the AD's part read from the cache (padded by repeating its last row
+    and column to the level's largest part, so a batch stacks) and both views' parameters, the same as
+    BatchViews.draw gives for the part's box in the whole image, shifted by the part's corner."""
+    from adam_cxr.gpu_views import BatchViews
+    array = np.random.default_rng(0).integers(0, 256, (3, height, width), dtype=np.uint8)
+    bv = BatchViews(24)
+    dataset = adam.AdamViews(_cache_images(array), level, 24, bv)
+    parts = adam.anatomy_parts(height, width, level)
+    ph, pw = max(b[2] for b in parts), max(b[3] for b in parts)
+    for index, seed in [(0, 5), (2, 123), (1, 2**40)]:
+        part, params = dataset[(index, seed)]
+        g = torch.Generator().manual_seed(seed)  # the sample's draws, as AdamViews makes them
+        top, left, h, w = parts[torch.randint(len(parts), (), generator=g).item()]
+        view_seed = torch.randint(2**62, (1,), generator=g)
+        assert part.shape == (1, ph, pw) and part.dtype == torch.uint8
+        rows, cols = np.minimum(np.arange(ph), h - 1), np.minimum(np.arange(pw), w - 1)
+        assert np.array_equal(part[0].numpy(), array[index, top:top + h, left:left + w][np.ix_(rows, cols)])
+        full = bv.draw(torch.tensor([[top, left, h, w]]), view_seed)[0]                  # 2 x 14
+        assert params.shape == (2, 14)
+        assert torch.equal(params[:, :4] + torch.tensor([top, left, 0, 0]), full[:, :4])  # CROP, in the part
+        assert torch.equal(params[:, 4:], full[:, 4:])
+
+
+def test_cpu_views_ship_uint8_and_are_normalised_on_the_device(phantom_root):
+    """The workers' views are uint8 (a twelfth of the normalised floats); to_views scales and normalises the
+    batch: the same numbers as normalising each view on its own (one float32 rounding)."""
+    import data_prep
+    images = data_prep.open_images("phantom", str(phantom_root), "train")
+    x_q, x_k = adam.AdamViews(images, 2, 32)[(3, 77)]
+    assert x_q.dtype == x_k.dtype == torch.uint8 and x_q.shape == (1, 32, 32)
+    n_q, n_k = adam.to_views((x_q[None], x_k[None]), None, torch.channels_last)
+    assert n_q.shape == (1, 3, 32, 32) and n_q.is_contiguous(memory_format=torch.channels_last)
+    ref = adam.imagenet_normalise(torchvision.transforms.v2.functional.to_dtype(x_k, torch.float32, scale=True))
+    assert (n_k[0] - ref).abs().max() < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_device_batches_copy_ahead_on_cuda():
+    """device_batches hands out each batch on the GPU, in order; with device views the views' parameters (the
+    second tensor) stay on the host, without them every tensor moves."""
+    from adam_cxr.gpu_views import BatchViews
+    items = [(torch.full((2, 3), float(i)).pin_memory(), torch.full((2, 14), float(i)).pin_memory()) for i in range(4)]
+    for views in (None, BatchViews(32)):
+        out = list(adam.device_batches(items, torch.device("cuda"), views))
+        assert [(float(x[0, 0]), float(p[0, 0])) for x, p in out] == [(i, i) for i in (0.0, 1.0, 2.0, 3.0)]
+        assert all(x.is_cuda and p.is_cuda == (views is None) for x, p in out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_the_training_step_makes_no_host_sync(phantom_root):
+    """Device views, normalisation and train_step queue work on the GPU without the host waiting for it
+    (torch.cuda.set_sync_debug_mode("error") raises at a synchronising call)."""
+    args = adam.parse_args(TINY_RUN + ["--data-root", str(phantom_root), "--device", "cuda", "--views", "device"])
+    device, _, _ = adam.setup_devices(args)
+    images, _, views = adam.open_data(args, 1, device)
+    student, teacher, bank, model, teacher_fwd, groups, layout = adam.build_models(args, device, 1, 8)
+    optimizer = adam.make_optimizer(student, 0.03, args)
+    loader, _ = adam.make_loader(images, 2, args, 24, 1, 0, 0, 8, views)
+    batches = adam.device_batches(loader, device, views)
+    adam.train_step(*adam.to_views(next(batches), views, layout), model, teacher_fwd, bank, optimizer, args, 0.8,
+                    False, groups)  # warm-up: first allocations, cuDNN's choices
+    torch.cuda.synchronize()
+    item = next(batches)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, pruned = adam.train_step(*adam.to_views(item, views, layout), model, teacher_fwd, bank, optimizer,
+                                       args, 0.8, False, groups)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss)

@@ -1,8 +1,11 @@
-"""bench.py: the loss table on a tiny shape (every CPU path, flags named as adam.py's) and the input-pipeline
-mode on the tiny phantom. Timings are printed, never asserted; these tests check that the modes run and say
-what they measured."""
+"""bench.py: the loss table on a tiny shape (every CPU path, flags named as adam.py's), the input-pipeline, train and
+loader modes on the tiny phantom. Timings are printed, never asserted; these tests check that the modes run, time
+what adam.py runs, and say what they measured."""
+import math
+
 import pytest
 
+import adam
 import adam_ext
 import bench
 from conftest import TINY_RUN
@@ -22,7 +25,7 @@ def test_loss_table_runs_every_cpu_path(tmp_path):
 
 def test_pipeline_mode_times_both_view_paths(phantom_root, capsys):
     flags = TINY_RUN + ["--data-root", str(phantom_root)]  # 48 phantoms, 36 in train: 4 batches of 8
-    for extra in ([], ["--gpu-views"]):
+    for extra in (["--views", "cpu"], ["--views", "device"]):
         rate = bench.main(["pipeline", "--batches", "2", *flags, *extra])
         assert rate > 0
     out = capsys.readouterr().out
@@ -45,3 +48,33 @@ def test_selfcheck_mode_writes_its_table_and_exits_1_on_a_wrong_op(tmp_path, mon
     monkeypatch.setattr(adam_ext.ops, "info_nce", off_by_a_thousandth)
     with pytest.raises(SystemExit, match=r"bench.py selfcheck: \d+ of \d+ cases disagree with adam.info_nce on CPU"):
         bench.main(["selfcheck", "--scale", "quick"])
+
+
+def test_train_mode_times_adams_own_step_three_ways(phantom_root, tmp_path, monkeypatch):
+    """The three rows (step alone, device views, CPU loader) run adam.train_step itself, warm-up included, on the
+    finest level of --levels; a folder that is not a cache gives the device row a reason instead of a number."""
+    calls = []
+    step = adam.train_step
+    monkeypatch.setattr(adam, "train_step", lambda *a, **k: calls.append(a[0].shape) or step(*a, **k))
+    flags = TINY_RUN + ["--data-root", str(phantom_root)]  # 36 train images: the loader loops over them
+    md = tmp_path / "train.md"
+    rows = bench.main(["train", "--steps", "2", "--warmup", "1", "--md", str(md), *flags])
+    assert [r["row"] for r in rows] == ["step", "device", "cpu"]
+    assert all(r["images_per_s"] > 0 and r["mem_mib"] > 0 and math.isfinite(r["loss"]) for r in rows)
+    assert calls == [(8, 3, 32, 32)] * 3 * 3  # 1 + 2 steps a row, batch 8 of 32 px views
+    text = md.read_text()
+    assert "level 2" in text and "| step alone (synthetic views on the device) | " in text and "| 100% |" in text
+    assert "peak RSS MiB" in text
+    rows = bench.main(["train", "--rows", "step,device", "--steps", "1", "--warmup", "1", *TINY_RUN,
+                       "--data", str(phantom_root / "png")])
+    assert "images_per_s" in rows[0] and "--views device needs a data_prep.py cache" in rows[1]["skipped"]
+    with pytest.raises(ValueError, match="--rows step,gpu: choose from step, monitor"):
+        bench.main(["train", "--rows", "step,gpu", *flags])
+
+
+def test_loader_mode_costs_each_stage_of_the_device_views_loader(phantom_root, capsys):
+    rows = bench.main(["loader", "--batches", "2", *TINY_RUN, "--data-root", str(phantom_root), "--levels", "0,2"])
+    assert [(r["level"], r["part"]) for r in rows] == [(0, "1x64x64"), (2, "1x32x32")]
+    assert all(r["sample"] > r["read"] > 0 and r["collate"] > 0 and r["pin"] > 0 for r in rows)
+    assert all(math.isclose(r["total"], r["sample"] + r["collate"] + r["pin"]) for r in rows)
+    assert "| level | part (C x H x W) |" in capsys.readouterr().out

@@ -50,12 +50,14 @@ from data_prep import DataError  # bad input data, named with its file
 
 PRESETS = {
     "paper": dict(arch="resnet50", img_size=224, batch_size=256, queue_size=65536, epochs=200, lr=0.03,
-                  steps_per_epoch=None, momentum_ema=0.999, workers=8, val_steps=None, print_freq=50),
+                  steps_per_epoch=None, momentum_ema=0.999, workers=8, val_steps=None, print_freq=50,
+                  crop_scale=0.2, jitter=0.4),
     # demo: ResNet-18 on 64 px views, ~100 steps per stage. A bank that fills within the first stage; m = 0.99
     # because a 0.999 teacher would barely move from its random init in 100 steps; base lr 0.24 so that
     # batch 32 trains at 0.03 (the linear scaling rule would give 0.004, too slow to show anything).
     "demo": dict(arch="resnet18", img_size=64, batch_size=32, queue_size=2048, epochs=5, lr=0.24,
-                 steps_per_epoch=None, momentum_ema=0.99, workers=2, val_steps=2, print_freq=7),
+                 steps_per_epoch=None, momentum_ema=0.99, workers=2, val_steps=2, print_freq=7,
+                 crop_scale=0.2, jitter=0.4),
 }
 # The backbones every script accepts (adam.py, finetune.py, eve.py): torchvision's ResNets.
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2")
@@ -93,6 +95,11 @@ def parse_args(argv=None):
     g.add_argument("--dim", type=n1, default=128, help="embedding size D of q, k and the bank")
     g.add_argument("--bn-groups", type=n1, default=None, help="shuffle BN: BatchNorm over G groups of each process's "
                    "batch, regrouped for the teacher (default: 64 images a group as the authors' GPUs; 1 = plain BN)")
+    g.add_argument("--crop-scale", type=runs.number(float, 0, 1, low_open=True), default=None,
+                   help="views: smallest crop area as a share of the part (paper: 0.2, MoCo v2's)")
+    g.add_argument("--jitter", type=runs.number(float, 0, 1), default=None,
+                   help="views: brightness, contrast (and saturation) jitter strength, hue a quarter of it; 0 = none "
+                        "(paper: 0.4; keep it below the contrast that tells images apart)")
     g = p.add_argument_group("method (paper Sect. 2)")
     g.add_argument("--levels", type=runs.levels, default="0,2,4",
                    help="granularity levels, one stage each, coarse to fine; '0' alone = MoCo-v2 (no AD)")
@@ -203,12 +210,12 @@ class AdamViews(torch.utils.data.Dataset):
     The seed comes from the sampler, so what a sample looks like does not depend on the number of
     workers, and a resumed run sees exactly the crops the uninterrupted run would have seen."""
 
-    def __init__(self, images, level, img_size, gpu_views=False):
+    def __init__(self, images, level, img_size, gpu_views=False, crop_scale=0.2, jitter=0.4):
         self.images, self.level, self.gpu_views = images, level, gpu_views
         s = img_size / 224  # blur kernel and sigma scale with the view size (authors: 224 px)
-        self.view = T.Compose([
-            T.RandomResizedCrop(img_size, scale=(0.2, 1.0), antialias=True),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        self.view = T.Compose([  # crop_scale 0.2 and jitter 0.4 are MoCo v2's (the paper's); the demo sets its own
+            T.RandomResizedCrop(img_size, scale=(crop_scale, 1.0), antialias=True),
+            T.RandomApply([T.ColorJitter(jitter, jitter, jitter, jitter / 4)], p=0.8 if jitter else 0),
             T.RandomApply([SeparableGaussianBlur(2 * round(11 * s) + 1, sigma=(0.1 * s, 2.0 * s))], p=0.5),
             T.RandomRotation(30),
             T.ToDtype(torch.float32, scale=True),
@@ -561,7 +568,7 @@ def open_data(args, world):
 
 
 def make_loader(images, level, args, num_samples, world, rank, seed, batch):
-    dataset = AdamViews(images, level, args.img_size, args.gpu_views)
+    dataset = AdamViews(images, level, args.img_size, args.gpu_views, args.crop_scale, args.jitter)
     sampler = PartSampler(len(images), num_samples, seed, rank, world)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch, sampler=sampler, num_workers=args.workers, drop_last=True,

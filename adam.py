@@ -54,12 +54,14 @@ from data_prep import DataError  # bad input data, named with its file
 
 PRESETS = {
     "paper": dict(arch="resnet50", img_size=224, batch_size=256, queue_size=65536, epochs=200, lr=0.03,
-                  steps_per_epoch=None, momentum_ema=0.999, workers=8, val_steps=None, print_freq=50),
+                  steps_per_epoch=None, momentum_ema=0.999, workers=8, val_steps=None, print_freq=50,
+                  crop_scale=0.2, jitter=0.4),
     # demo: ResNet-18 on 64 px views, ~100 steps per stage. A bank that fills within the first stage; m = 0.99
     # because a 0.999 teacher would barely move from its random init in 100 steps; base lr 0.24 so that
     # batch 32 trains at 0.03 (the linear scaling rule would give 0.004, too slow to show anything).
     "demo": dict(arch="resnet18", img_size=64, batch_size=32, queue_size=2048, epochs=5, lr=0.24,
-                 steps_per_epoch=None, momentum_ema=0.99, workers=2, val_steps=2, print_freq=7),
+                 steps_per_epoch=None, momentum_ema=0.99, workers=2, val_steps=2, print_freq=7,
+                 crop_scale=0.2, jitter=0.4),
 }
 # The backbones every script accepts (adam.py, finetune.py, eve.py): torchvision's ResNets.
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2")
@@ -131,12 +133,12 @@ class AdamViews(torch.utils.data.Dataset):
     The seed comes from the sampler, so what a sample looks like does not depend on the number of
     workers, and a resumed run sees exactly the crops the uninterrupted run would have seen."""
 
-    def __init__(self, images, level, img_size, device_views=None):
+    def __init__(self, images, level, img_size, device_views=None, crop_scale=0.2, jitter=0.4):
         self.images, self.level, self.device_views = images, level, device_views
         s = img_size / 224  # blur kernel and sigma scale with the view size (authors: 224 px)
-        self.view = T.Compose([
-            T.RandomResizedCrop(img_size, scale=(0.2, 1.0), antialias=True),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        self.view = T.Compose([  # crop_scale 0.2 and jitter 0.4 are MoCo v2's (the paper's); the demo sets its own
+            T.RandomResizedCrop(img_size, scale=(crop_scale, 1.0), antialias=True),
+            T.RandomApply([T.ColorJitter(jitter, jitter, jitter, jitter / 4)], p=0.8 if jitter else 0),
             T.RandomApply([SeparableGaussianBlur(2 * round(11 * s) + 1, sigma=(0.1 * s, 2.0 * s))], p=0.5),
             T.RandomRotation(30),
         ])
@@ -477,6 +479,11 @@ def parse_args(argv=None):
     g.add_argument("--dim", type=n1, default=128, help="embedding size D of q, k and the bank")
     g.add_argument("--bn-groups", type=n1, default=None, help="shuffle BN: BatchNorm over G groups of each process's "
                    "batch, regrouped for the teacher (default: 64 images a group as the authors' GPUs; 1 = plain BN)")
+    g.add_argument("--crop-scale", type=runs.number(float, 0, 1, low_open=True), default=None,
+                   help="views: smallest crop area as a share of the part (paper: 0.2, MoCo v2's)")
+    g.add_argument("--jitter", type=runs.number(float, 0, 1), default=None,
+                   help="views: brightness, contrast (and saturation) jitter strength, hue a quarter of it; 0 = none "
+                        "(paper: 0.4; keep it below the contrast that tells images apart)")
     g = p.add_argument_group("method (paper Sect. 2)")
     g.add_argument("--levels", type=runs.levels, default="0,2,4",
                    help="granularity levels, one stage each, coarse to fine; '0' alone = MoCo-v2 (no AD)")
@@ -663,7 +670,7 @@ def open_data(args, world, device):
         if not cache:  # both views of a batch made on the training device, from parts of one size
             raise ValueError(f"--views device needs a data_prep.py cache (images of one size); --data {args.data} is "
                              f"a folder: prepare it with `python data_prep.py folder --src {args.data} --out <cache>`")
-        views = BatchViews(args.img_size)
+        views = BatchViews(args.img_size, args.crop_scale, args.jitter)
     (h, w), n = train_images[0].shape[1:], max(args.level_list)   # our floor: finest parts >= 1/4 of the view
     if min(h >> (n // 2), w >> ((n + 1) // 2)) < args.img_size / 4:
         raise ValueError(f"--levels {args.levels}: level {n} cuts the {h}x{w} images of --data {args.data} into parts "
@@ -676,8 +683,9 @@ def open_data(args, world, device):
 def make_loader(images, level, *, num_samples, seed, ctx):
     """(DataLoader, PartSampler) of num_samples (index, seed) samples of this process's shard at this level: AdamViews
     (ctx.views: BatchViews for device views), in pinned memory where there is CUDA."""
-    return loader_of(AdamViews(images, level, ctx.args.img_size, ctx.views), num_samples=num_samples, seed=seed,
-                     ctx=ctx)
+    a = ctx.args
+    return loader_of(AdamViews(images, level, a.img_size, ctx.views, a.crop_scale, a.jitter), num_samples=num_samples,
+                     seed=seed, ctx=ctx)
 
 
 def loader_of(dataset, *, num_samples, seed, ctx):

@@ -15,6 +15,10 @@ The paper shows its embedding properties as pictures only; this script turns eac
                     landmark error in pixels; figure: matches with cosine >= 0.8, and the real radiograph
                     RG1_UNCR.dcm from pydicom-data as a demo of the self case.
 
+  frozen            adam_cxr/probes.py on the frozen backbone (docs/learning.md): one-shot landmark localisation
+                    error, linear probes of the heart and clavicle masks from 3 and 12 images (Dice, AP), a linear
+                    probe of the image labels (AUC); printed beside a random init and a no-look baseline.
+
 Example (phantom, CPU, under a minute per init; NAME= names a column):
   python eve.py --arch resnet18 --img-size 64 --data phantom --out runs/eve \\
       --compare adam=adam:runs/adam moco=adam:runs/moco random
@@ -35,10 +39,11 @@ import torch.nn.functional as F
 
 import data_prep
 from adam import ARCHS, feature_map, imagenet_normalise
+from adam_cxr import probes  # the frozen-feature measures (landmarks, mask and label probes)
 from adam_cxr.runs import write_atomic
 from finetune import load_backbone  # every checkpoint form finetune.py accepts
 
-WHAT = ("locality", "compositionality", "correspondence")
+WHAT = ("locality", "compositionality", "correspondence", "frozen")
 
 
 # ----------------------------------------------------------------------------- encoder and crops
@@ -503,6 +508,9 @@ def get_args(argv=None):
     g.add_argument("--corr-pairs", type=int, default=4, help="images used for correspondence numbers")
     g.add_argument("--match-threshold", type=float, default=0.8, help="draw matches with cosine >= this")
     g.add_argument("--max-lines", type=int, default=40, help="at most this many match lines per panel")
+    g.add_argument("--frozen-size", type=int, default=None,
+                   help="frozen measures: the side the whole images are fed at (default: the cache's side)")
+    g.add_argument("--draws", type=int, default=5, help="frozen measures: random choices of the 3 / 12 probe images")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="runs/eve", help="folder for eve.json and the PNG figures")
     args = p.parse_args(argv)
@@ -514,6 +522,8 @@ def get_args(argv=None):
     if any(n < 2 for n in args.parts):
         p.error(f"--parts: split counts must be >= 2, got {args.parts}")
     args.inits = (args.init + (args.compare or [])) or ["random"]
+    if "frozen" in args.what and "random" not in args.inits:   # the frozen table always shows random init
+        args.inits.append("random")
     return args
 
 
@@ -588,8 +598,31 @@ def measure_one(enc, args, imgs, lms, dicom, dev):
                                           "landmark pairs (cells), the landmarks themselves (landmark error)")
         sec["correspondence"] = round(time.time() - t0, 2)
         extra["panels"] = panels
+    if "frozen" in args.what:
+        t0 = time.time()
+        cache = data_prep.open_dataset(args.data, args.data_root)
+        res["frozen"] = probes.headline(probes.measure(enc.backbone, cache, args.frozen_size, draws=args.draws,
+                                                       test_images=max(args.num_images, 2), seed=args.seed,
+                                                       device=dev))
+        sec["frozen"] = round(time.time() - t0, 2)
     res["seconds"] = sec
     return res, extra
+
+
+def print_frozen(results):
+    """The frozen measures, one row each: the no-look baseline (the same for every encoder), then each encoder."""
+    names = [n for n in results if isinstance(results[n].get("frozen"), dict)]
+    if not names:
+        return
+    rows = results[names[0]]["frozen"]
+    keys = [k for k in rows if "nolook" not in k]
+    w = max(len(k) for k in keys)
+    cell = lambda v, n: f"{v:>{n}.3f}" if isinstance(v, float) else f"{'-' if v is None else 'undefined':>{n}}"
+    print("frozen features (*_px: lower is better; the rest: higher)")
+    print(f"{'measure':<{w}} {'no look':>10} " + " ".join(f"{n[:14]:>14}" for n in names))
+    for k in keys:
+        base = 0.5 if k.startswith("auc_") else rows.get(probes.nolook_key(k))
+        print(f"{k:<{w}} {cell(base, 10)} " + " ".join(cell(results[n]["frozen"].get(k), 14) for n in names))
 
 
 def print_table(results):
@@ -597,7 +630,7 @@ def print_table(results):
     rows = []
     for name in names:
         for meas, d in results[name].items():
-            if meas == "seconds":
+            if meas in ("seconds", "frozen"):   # frozen: its own table (print_frozen)
                 continue
             for k, v in d.items():
                 if isinstance(v, dict):
@@ -642,6 +675,7 @@ def main(argv=None):
         results[name]["seconds"]["total"] = round(time.time() - t0, 2)
         print(f"  {name}: {results[name]['seconds']}")
     print_table(results)
+    print_frozen(results)
     # --compare: one figure per measurement with every init side by side; else one set per init
     groups = [list(extras)] if args.compare is not None or len(extras) == 1 else [[n] for n in extras]
     figures = {}

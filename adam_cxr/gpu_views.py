@@ -98,10 +98,11 @@ class BatchViews(nn.Module):
     No host sync: the parameters stay on the host where a choice depends on them, and reach the device by
     non_blocking copies (to_device), so the host can queue the next step while the device runs this one."""
 
-    def __init__(self, img_size):
+    def __init__(self, img_size, crop_scale=0.2, jitter=0.4):
         super().__init__()
         s = img_size / 224  # blur kernel and sigma scale with the view size, as in AdamViews
         self.size, self.sigma, self.radius = img_size, (0.1 * s, 2.0 * s), round(11 * s)
+        self.crop_scale, self.jitter_strength = crop_scale, jitter  # adam.py --crop-scale, --jitter (paper: 0.2, 0.4)
 
     def draw(self, boxes, seeds):
         """The random parameters of both views, on the CPU: B x 2 x 14 float64, a row per sample and view in the
@@ -111,9 +112,10 @@ class BatchViews(nn.Module):
         for (top, left, h, w), seed in zip(boxes.tolist(), seeds.tolist()):
             g = torch.Generator().manual_seed(seed)
             for u in torch.rand(2, 34, generator=g, dtype=torch.float64).tolist():
-                i, j, ch, cw = random_crop_box(h, w, u[:22])
-                jitter = (0.6 + 0.8 * u[24], 0.6 + 0.8 * u[25], 0.6 + 0.8 * u[26], -0.1 + 0.2 * u[27]) \
-                    if u[23] < 0.8 else (1.0, 1.0, 1.0, 0.0)
+                i, j, ch, cw = random_crop_box(h, w, u[:22], scale=(self.crop_scale, 1.0))
+                a = self.jitter_strength          # factors in [1 - a, 1 + a], hue in [-a/4, a/4], as ColorJitter
+                jitter = (1 - a + 2 * a * u[24], 1 - a + 2 * a * u[25], 1 - a + 2 * a * u[26], -a / 4 + a / 2 * u[27]) \
+                    if u[23] < 0.8 and a > 0 else (1.0, 1.0, 1.0, 0.0)
                 order = sorted(range(4), key=lambda op: u[28 + op])  # a uniform permutation
                 sigma = self.sigma[0] + (self.sigma[1] - self.sigma[0]) * u[33] if u[32] < 0.5 else 0.0
                 rows.append((top + i, left + j, ch, cw, -30 + 60 * u[22], *jitter, *order, sigma))

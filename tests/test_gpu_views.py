@@ -216,3 +216,16 @@ def same_pixel_statistics():
         assert abs(d.mean()) < 5 * d.std() / math.sqrt(len(d))
         ratio = (sr[:, 0] - sr[:, 1]).var() / (sb[:, 0] - sb[:, 1]).var()
         assert 0.5 < ratio < 2, ratio
+
+
+def test_crop_scale_and_jitter_flags_reach_the_drawn_parameters():
+    """adam.py --crop-scale / --jitter: crops of at least that share of the part (up to the fallback's rounding), and
+    no jitter at 0; the paper's values draw what the tests above check against torchvision."""
+    bv = gpu_views.BatchViews(32, crop_scale=0.6, jitter=0.0)
+    p = bv.draw(torch.tensor([[0, 0, 64, 64]] * 50), torch.arange(50))          # B x 2 x 14
+    area = p[..., gpu_views.CROP][..., 2] * p[..., gpu_views.CROP][..., 3]
+    assert area.min() >= 0.6 * 64 * 64 * 0.95
+    assert torch.equal(p[..., gpu_views.JITTER], torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=p.dtype).expand_as(
+        p[..., gpu_views.JITTER]))
+    paper = gpu_views.BatchViews(32).draw(torch.tensor([[0, 0, 64, 64]] * 50), torch.arange(50))
+    assert (paper[..., gpu_views.JITTER] != torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=p.dtype)).any()

@@ -1,0 +1,72 @@
+"""The known-answer data (adam_cxr/shapes.py) against its definition, and known_answer.py end to end at a smoke scale.
+The smoke run checks the machinery (pretraining, probes against random init, statistics, the written result), not
+learning: docs/learning.md reports what the full run measures."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import data_prep
+import known_answer
+from adam_cxr import shapes
+
+
+@pytest.mark.parametrize("cls", shapes.CLASSES)
+def test_each_shape_is_its_definition_at_hand_picked_points(cls):
+    inside = {"disc": (0, 0.9), "square": (0.7, 0.7), "triangle": (0, 0.5), "cross": (0.9, 0.1), "ring": (0.8, 0),
+              "bar": (0.9, 0.2), "L": (-0.5, 0.8), "star": (0, -0.9)}
+    outside = {"disc": (0.8, 0.8), "square": (0.9, 0), "triangle": (0.8, -0.8), "cross": (0.6, 0.6), "ring": (0, 0),
+               "bar": (0, 0.5), "L": (0.5, -0.5), "star": (0.6, -0.6)}
+    assert shapes._inside(cls, np.array(inside[cls][0]), np.array(inside[cls][1]))
+    assert not shapes._inside(cls, np.array(outside[cls][0]), np.array(outside[cls][1]))
+
+
+def test_samples_are_deterministic_and_every_class_appears_with_the_same_number_of_copies():
+    a, ya = shapes.shapes_sample(5, 32, seed=1)
+    b, yb = shapes.shapes_sample(5, 32, seed=1)
+    assert np.array_equal(a, b) and ya == yb and a.dtype == np.uint8 and a.shape == (32, 32)
+    assert {shapes.shapes_sample(i, 32)[1] for i in range(200)} == set(range(len(shapes.CLASSES)))
+    img, _ = shapes.shapes_sample(0, 64, copies=1)
+    assert (img > 128).mean() > 0.05                          # one large bright shape on a darker background
+
+
+def test_the_cache_opens_as_a_data_prep_cache_with_the_class_as_label(tmp_path):
+    root = shapes.build_shapes(tmp_path / "s", num_images=60, size=32)
+    cache = data_prep.open_cache(root)
+    y = cache.label_matrix()
+    assert y.shape == (60, len(shapes.CLASSES)) and np.all(y.sum(1) == 1)
+    assert [shapes.shapes_sample(i, 32)[1] for i in range(60)] == list(y.argmax(1))
+    assert shapes.build_shapes(tmp_path / "s", num_images=60, size=32) == root       # kept for a rerun
+    with pytest.raises(FileExistsError, match="another shapes set"):
+        shapes.build_shapes(tmp_path / "s", num_images=61, size=32)
+
+
+def test_known_answer_smoke_run_compares_pretraining_with_random_init(tmp_path):
+    out = tmp_path / "ka"
+    result = known_answer.main(["--out", str(out), "--seeds", "0,1", "--images", "160", "--epochs", "1",
+                                "--data-root", str(tmp_path / "shapes"), "--", "--batch-size", "16",
+                                "--workers", "0", "--steps-per-epoch", "2", "--device", "cpu"])
+    saved = json.loads((out / "known_answer.json").read_text())
+    assert saved["summary"] == json.loads(json.dumps(result["summary"]))
+    for probe in ("linear", "knn"):
+        s = result["summary"][probe]
+        assert 0 <= s["random"] <= 1 and 0 <= s["trained"] <= 1
+        assert s["lift"] == pytest.approx(s["trained"] - s["random"])
+        assert s["p"] is None or 0 <= s["p"] <= 1
+    assert [r["seed"] for r in result["seeds"]] == [0, 1]
+    # the pretrained backbones differ from the random inits they are compared with
+    assert any(r["trained"] != r["random"] for r in result["seeds"])
+
+
+def test_adam_views_without_jitter_keep_the_grey_levels_and_the_crop_scale_bounds_the_crop():
+    """adam.py --jitter 0: no colour jitter (a flat part stays its grey); --crop-scale 1: every crop is the whole
+    part up to its aspect ratio."""
+    import adam
+    flat = np.full((1, 1, 32, 32), 77, np.uint8)
+    views = adam.AdamViews(flat, 0, 32, crop_scale=1.0, jitter=0.0)
+    for seed in range(10):
+        for v in views[(0, seed)]:
+            assert v.dtype == torch.uint8 and set(v[:, 12:20, 12:20].unique().tolist()) == {77}
+    jittered = adam.AdamViews(flat, 0, 32)                      # the paper's 0.4: most views change the grey
+    assert any(77 not in v[:, 12:20, 12:20].unique().tolist() for s in range(10) for v in jittered[(0, s)])

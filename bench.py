@@ -438,7 +438,7 @@ def train(argv):
         print(fmt_train([rows[-1]], rows).splitlines()[-1], flush=True)
     head = (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; device: {_device_name(device)}; torch "
             f"{torch.__version__}; {args.arch}, {S} px, batch {B}, K={args.queue_size}, level {level}, "
-            f"{'bf16 autocast' if cuda else 'fp32'}, {str(layout).split('.')[-1]}, loss {'fused' if fused else 'torch'}, "
+            f"{'bf16 autocast' if cuda else 'fp32'}, {str(layout).split('.')[-1]}, loss {'torch' if criterion is adam.info_nce else 'fused'}, "
             f"SGD {'fused' if args.fused_sgd else 'default'}, compile {'on' if args.compile else 'off'}, "
             f"{args.workers} workers; {own.warmup} + {own.steps} steps a row; `python bench.py train {' '.join(argv)}`")
     table = fmt_train(rows, rows)

@@ -5,10 +5,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Edges allowed to close a circle for now, each with where it goes away.
-# adam_cxr.gpu_views -> adam (imagenet_normalise): removed when gpu_views returns views in [0, 1] and adam.py
-# normalises them; delete this entry then (test_known_exceptions_are_still_needed says when).
-KNOWN = {("adam_cxr.gpu_views", "adam")}
 
 
 def modules(root):
@@ -96,15 +92,7 @@ def test_the_repository_has_no_import_circle():
     edges = graph(ROOT)
     assert {"adam", "data_prep", "adam_cxr.runs", "adam_ext.selfcheck"} <= set(edges)  # it sees the modules
     assert "adam_cxr.runs" in edges["adam"] and "adam_ext" in edges["adam"]  # and a function-level import
-    for a, b in KNOWN:
-        edges[a] = edges[a] - {b}
     assert circles(edges) == [], "import circles (break each by moving the shared piece or passing it in)"
-
-
-def test_known_exceptions_are_still_needed():
-    edges = graph(ROOT)
-    gone = [(a, b) for a, b in KNOWN if b not in edges.get(a, ())]
-    assert not gone, f"{gone} no longer import each other: delete them from KNOWN in {Path(__file__).name}"
 
 
 def test_a_circle_through_a_function_level_import_is_found(tmp_path):

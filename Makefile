@@ -42,8 +42,8 @@ endif
 # Pretrain on phantoms (generated on first use), then measure what the embedding learned against random init.
 demo: $(STAMP)
 	$(BIN)/python adam.py --out runs/demo --overwrite
-	$(BIN)/python eve.py --data phantom --arch resnet18 --img-size 64 --what locality,compositionality \
-		--init adam:runs/demo --init random --compare --out runs/demo/eve
+	$(BIN)/python eve.py --data phantom --arch resnet18 --img-size 64 --what locality,compositionality,frozen \
+		--frozen-size 128 --draws 3 --init adam:runs/demo --init random --compare --out runs/demo/eve
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q

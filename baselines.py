@@ -110,9 +110,9 @@ def parser(method):
     elif method == "vicregl":
         g = p.add_argument_group("VICRegL (docs/METHOD.md §10.2)")
         g.add_argument("--alpha", type=unit, default=0.75,
-                       help="loss = alpha L_global + (1 - alpha) L_local (lightly's and the paper's 0.75)")
+                       help="loss = alpha L_global + (1 - alpha) L_local (lightly's default)")
         g.add_argument("--expander", type=n1, default=None, help="width of the global head's three layers (default: "
-                       "4 x the backbone's, the paper's 8192 for ResNet-50); its covariance term costs O(width^2)")
+                       "4 x the backbone's: 8192 for ResNet-50, lightly's default); its covariance costs O(width^2)")
     else:
         semgen.add_flags(p)
     return p

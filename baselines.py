@@ -135,6 +135,8 @@ def parse_args(argv, method):
     args.method = method
     args.levels, args.level_list = "0", [0]               # one stage on whole images (adam.open_data checks the size)
     args.gpu_views = getattr(args, "gpu_views", False)
+    args.views = "device" if args.gpu_views else "cpu"    # adam.open_data's --views
+    args.crop_scale, args.jitter = preset["crop_scale"], preset["jitter"]   # the preset's views, as adam.py's
     args.tf32 = False                                     # adam.setup_devices reads it
     return args
 
@@ -212,7 +214,7 @@ class DenseCL(nn.Module):
         self.m, self.weight, self.views, self.img_size = args.momentum_ema, args.dense_weight, views, args.img_size
 
     def dataset(self, images, split):
-        return adam.AdamViews(images, 0, self.img_size, self.views is not None)   # MoCo-v2's row: level 0
+        return adam.AdamViews(images, 0, self.img_size, self.views)                # MoCo-v2's row: level 0
 
     @staticmethod
     def embed(nets, x):
@@ -222,7 +224,7 @@ class DenseCL(nn.Module):
         return f, nets[1](f.mean(1)), nets[2](f)
 
     def forward_loss(self, item, device, layout):
-        x_q, x_k = adam.to_views(item, self.views, device, layout)                 # B x 3 x S x S each
+        x_q, x_k = adam.to_views(item, self.views, layout)                         # B x 3 x S x S each
         f_q, q, q_dense = self.embed((self.backbone, self.head_global, self.head_dense), x_q)
         with torch.no_grad():  # the teacher's batch in shuffle BN order (adam.teacher_keys), then back
             perm = adam.shuffle_groups(x_k.shape[0], self.groups).to(device) if self.groups > 1 else None
@@ -345,7 +347,7 @@ def train(args, say=print):
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise ValueError(f"{args.method} runs in one process: start it with python, not torchrun")
     device, _, _ = adam.setup_devices(args)
-    train_images, val_images, views = adam.open_data(args, 1)
+    train_images, val_images, views = adam.open_data(args, 1, device)
     out, cuda = Path(args.out), device.type == "cuda"
     layout = torch.channels_last if cuda else torch.preserve_format     # as adam.py: bf16 autocast + channels_last
     lock = runs.claim(args)                                              # OUT: one writer; another run refused
@@ -383,7 +385,7 @@ def train(args, say=print):
             sampler.set_epoch(0, epoch)
             model.train()
             t_epoch, sums = time.time(), {}
-            for i, item in enumerate(loader):
+            for i, item in enumerate(adam.device_batches(loader, device, views)):   # on the device (adam.py)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                     loss, scalars = model.forward_loss(item, device, layout)
                 optimizer.zero_grad(set_to_none=True)
@@ -429,7 +431,7 @@ def validate(model, val_images, args, device, layout):
                                ctx=adam.Context(args, torch.device("cpu")))
     model.eval()
     total = 0.0
-    for item in loader:
+    for item in adam.device_batches(loader, device, getattr(model, "views", None)):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             total += model.forward_loss(item, device, layout)[0].item()
     return total / n

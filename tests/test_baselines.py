@@ -272,7 +272,7 @@ def test_self_discovery_and_the_pattern_crops(phantom_root, tmp_path):
 def test_every_method_starts_from_adams_backbone(method, phantom_root, tmp_path):
     args = baselines.parse_args(tiny(method, phantom_root, tmp_path)[1:], method)
     device = torch.device("cpu")
-    images = adam.open_data(args, 1)
+    images = adam.open_data(args, 1, device)
     torch.manual_seed(3)
     model = baselines.build(args, images[0], images[1], None, device, lambda *a: None)
     torch.manual_seed(3)

@@ -24,7 +24,7 @@ import adam
 import data_prep as dp
 import eve
 import finetune
-from adam_cxr import runs
+from adam_cxr import runs, safe_files
 from conftest import ROOT, TINY_RUN
 
 # What each script's `if __name__ == "__main__"` turns into one line (argparse errors exit by themselves).
@@ -393,7 +393,7 @@ def test_data_prep_on_a_full_disk_says_so_and_leaves_nothing(small_disk, tmp_pat
     if disk is None:                                   # no tmpfs here: a disk that reports 100 kB free
         disk = tmp_path / "disk"
         disk.mkdir()
-        monkeypatch.setattr(dp.shutil, "disk_usage", lambda p: SimpleNamespace(free=100_000))
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(free=100_000))
     args = ["phantom", "--out", str(disk / "phantom"), "--num-images", "40", "--size", "64", "--workers", "1"]
     with pytest.raises(SystemExit):
         dp.main(args)
@@ -401,12 +401,12 @@ def test_data_prep_on_a_full_disk_says_so_and_leaves_nothing(small_disk, tmp_pat
     assert re.search(r"error: disk full: writing .*phantom needs about 1.\d MiB and .* has \d+.\d MiB free; free space",
                      err), err
     assert "Traceback" not in err and list(disk.iterdir()) == []
-    monkeypatch.setattr(dp, "check_room", lambda *a: None)   # the check passed, then the disk filled up
+    monkeypatch.setattr(safe_files, "check_room", lambda *a: None)   # the check passed, then the disk filled up
     if not disk.is_mount():                            # no tmpfs: allocating the memory-mapped files finds no room
         def no_room(fd, offset, length):
             raise OSError(errno.ENOSPC, "No space left on device")
         monkeypatch.setattr(os, "posix_fallocate", no_room, raising=False)
-        monkeypatch.setattr(dp.shutil, "disk_usage", lambda p: SimpleNamespace(free=0))
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(free=0))
     with pytest.raises(SystemExit):
         dp.main(args)
     err = capsys.readouterr().err
@@ -428,7 +428,7 @@ def test_adam_on_a_full_disk_keeps_the_previous_checkpoint(d, small_disk, tmp_pa
                 raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
             return real_save(obj, f, *a, **k)
         monkeypatch.setattr(torch, "save", full)
-        monkeypatch.setattr(dp.shutil, "disk_usage", lambda p: SimpleNamespace(free=0))
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(free=0))
     out = disk / "run"
     with pytest.raises(dp.DiskFull, match=rf"disk full while writing {re.escape(str(out / 'checkpoint.pth'))}; the "
                                           r"previous one is kept"):
@@ -525,8 +525,8 @@ def test_duplicate_rows_and_list_entries_are_reported_and_warned(tmp_path, capsy
 
 
 def test_data_prep_syncs_every_file_before_the_cache_appears(tmp_path, monkeypatch):
-    events, real_fsync, real_rename = [], dp.fsync, os.rename
-    monkeypatch.setattr(dp, "fsync", lambda p: (events.append(("fsync", Path(p).name)), real_fsync(p))[1])
+    events, real_fsync, real_rename = [], safe_files.fsync, os.rename
+    monkeypatch.setattr(safe_files, "fsync", lambda p: (events.append(("fsync", Path(p).name)), real_fsync(p))[1])
     monkeypatch.setattr(os, "rename", lambda a, b: (events.append(("rename", Path(b).name)), real_rename(a, b))[1])
     out = tmp_path / "phantom"
     dp.main(["phantom", "--out", str(out), "--num-images", "4", "--size", "16", "--workers", "1"])

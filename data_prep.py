@@ -36,20 +36,21 @@ import time
 from collections import Counter
 from pathlib import Path
 
-# The names `import data_prep` has always offered: adam.py, finetune.py, eve.py, ablate.py and the tests use them.
-from adam_cxr.caches import (DEFAULT_SIZE, FORMAT, KILL_AFTER_ENV, STRUCTURES, Cache, DataError,  # noqa: F401
-                             measure_read_speed, open_cache, prepare_command)
-from adam_cxr.convert import convert, print_report
+# What the commands use, and the names `import data_prep` offers the scripts (tests patch a name in adam_cxr).
+from adam_cxr.caches import DEFAULT_SIZE, KILL_AFTER_ENV, STRUCTURES, DataError, measure_read_speed, open_cache  # noqa
+from adam_cxr.convert import convert, print_report, print_warnings
 from adam_cxr.decode import dicom_to_grey, jsrt_to_grey, read_image, voi_output_range  # noqa: F401
-from adam_cxr.open_data import (DATASETS, CacheImages, FolderImages, dataset_root, open_dataset,  # noqa: F401
-                                open_images, plain_images)
+from adam_cxr.open_data import CacheImages, FolderImages, dataset_root, open_dataset, open_images  # noqa: F401
 from adam_cxr.phantom import (LANDMARKS, PHANTOM_LABELS, PHANTOM_VERSION, build_phantom, ensure_phantom,  # noqa: F401
-                              phantom_sample, phantom_splits)
-from adam_cxr.safe_files import DiskFull, FolderLock, TMP_FOLDER, check_room, disk_full, fsync  # noqa: F401
-from adam_cxr.scanners import (CXR14_LABELS, CXR14_TRAIN, CXR14_VAL, IMAGE_EXTS, PATIENT_FROM_HELP,  # noqa: F401
-                               SCR_FOLDERS, chestxray14_items, eyepacs_items, folder_items, jsrt_items,
-                               patient_rule, patient_split, split_lists)
+                              phantom_sample)
+from adam_cxr.safe_files import TMP_FOLDER, DiskFull, FolderLock  # noqa: F401
+from adam_cxr.scanners import (CXR14_LABELS, CXR14_TRAIN, CXR14_VAL, PATIENT_FROM_HELP, SCR_FOLDERS,  # noqa: F401
+                               chestxray14_items, eyepacs_items, folder_items, jsrt_items, patient_split)
 from adam_cxr.tables import SPLIT_NAMES, csv_items
+
+CORES = os.cpu_count() or 1
+BOUNDS = {"size": (8, None), "num_images": (1, None), "limit": (1, None), "n": (1, None), "seed": (0, None),
+          "val_seed": (0, None), "split_seed": (0, None), "workers": (1, 4 * CORES)}   # integer flags: (lowest, highest)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -74,7 +75,7 @@ def output_flags(p, name):
         g.add_argument("--masks", type=Path, default=None,
                        help="SCR root; searched recursively for <image>.gif under folders named heart, "
                             "left clavicle, right clavicle, left lung, right lung")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    p.add_argument("--workers", type=int, default=CORES,
                    help="decoding processes (default: all cores); 1 = in-process, easiest to debug")
 
 
@@ -123,6 +124,27 @@ def _comma_list(s):
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
+def _columns(s):
+    """A comma list of column names, at least one, each once."""
+    names = _comma_list(s)
+    twice = [n for n in dict.fromkeys(names) if names.count(n) > 1]
+    if not names or twice:
+        raise argparse.ArgumentTypeError(f"{s!r}: " + (f"{twice[0]!r} is given twice" if twice else "no column names"))
+    return names
+
+
+def _image_path(s):
+    """--image-path: a path with {} where the image column's value goes."""
+    try:
+        ok = "\0" in s.format("\0")
+    except (IndexError, KeyError, ValueError):
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"{s!r}: expected a path with {{}} where the column's value goes, e.g. "
+                                         f"'train/{{}}.dicom'")
+    return s
+
+
 def _csv_arg(s):
     """--csv [SPLIT=]FILE -> (Path, split or None)."""
     head, eq, tail = s.partition("=")
@@ -146,10 +168,10 @@ def table_flags(p, name):
                         "for CheXpert")
     t.add_argument("--image-col", required=True, help="column naming the image, a path relative to --src "
                    "(leading folders that --src already is are dropped; e.g. CheXpert's Path)")
-    t.add_argument("--image-path", default="{}", help="turns the image column into a path, e.g. "
+    t.add_argument("--image-path", default="{}", type=_image_path, help="turns the image column into a path, e.g. "
                    "'train/{}.dicom' when the column holds bare ids (VinDr-CXR's image_id)")
     lab = t.add_mutually_exclusive_group(required=True)
-    lab.add_argument("--label-cols", type=_comma_list, default=[],
+    lab.add_argument("--label-cols", type=_columns, default=[],
                      help="comma list of label columns, one per label, values 1 / 0 / -1 (uncertain) / blank (not "
                           "mentioned), as in CheXpert and MIMIC-CXR's chexpert.csv")
     lab.add_argument("--label-col", default=None,
@@ -173,7 +195,7 @@ def table_flags(p, name):
     t.add_argument("--test-fraction", type=float, default=None,
                    help="the same for test (default 0.2; 0 when a table already gives test rows)")
     t.add_argument("--split-seed", type=int, default=0, help="seed of the patient-level split")
-    t.add_argument("--keep-cols", type=_comma_list, default=[],
+    t.add_argument("--keep-cols", type=_columns, default=[],
                    help="more columns copied into index.csv (e.g. 'Frontal/Lateral,AP/PA,Sex,Age')")
     t.add_argument("--where", action="append", type=_where_arg, default=[], metavar="COL=VALUE",
                    help="keep only rows whose COL is VALUE (repeatable), e.g. 'Frontal/Lateral=Frontal'; the report "
@@ -266,30 +288,19 @@ def run_conversion(scan, args, out):
         print_report(report)
         fail(e, out)
     print_report(report)
-    for key in ("missing_files", "listed_but_not_in_csv", "bad", "train_val_in_neither_list"):
-        if report.get(key):
-            print(f"WARNING: {len(report[key])} image(s) {key.replace('_', ' ')}: left out of the cache "
-                  f"(names in report.json)", file=sys.stderr)
-    for key in ("duplicate_rows", "duplicate_list_entries", "duplicate_files"):
-        if report.get(key):
-            print(f"WARNING: {len(report[key])} {key.replace('_', ' ')}: each image taken once (the first of equal "
-                  f"rows, the first file found; which ones: report.json)", file=sys.stderr)
-    if report.get("patients_in_two_splits"):
-        print(f"WARNING: {len(report['patients_in_two_splits'])} patient(s) in two splits, as the table's split "
-              f"says (names in report.json): the split is not patient-level", file=sys.stderr)
+    print_warnings(report)
     print(f"wrote {out} ({report['converted']} images, {args.size}px) in {time.time() - t0:.1f}s; "
           f"details in {out / 'report.json'}", file=sys.stderr)
     return out
 
 
 def run_speed(args, out):
-    r = measure_read_speed(args.cache, args.n)
+    try:
+        r = measure_read_speed(args.cache, args.n)
+    except (OSError, ValueError) as e:                 # no cache there, or a broken one: one clear line
+        fail(f"--cache {args.cache}: {e}")
     print(json.dumps(r))
     return r
-
-
-def converting(scan):
-    return functools.partial(run_conversion, scan)
 
 
 COMMANDS = {  # name: (help, argument groups, what it runs)
@@ -297,16 +308,16 @@ COMMANDS = {  # name: (help, argument groups, what it runs)
                 (output_flags, phantom_flags), run_phantom),
     "chestxray14": ("NIH ChestX-ray14: images/ or images_0NN/images/ folders or the .tar.gz archives, plus "
                     "Data_Entry_2017(_v2020).csv, train_val_list.txt, test_list.txt",
-                    (output_flags, image_flags, split_flags), converting(scan_chestxray14)),
+                    (output_flags, image_flags, split_flags), functools.partial(run_conversion, scan_chestxray14)),
     "eyepacs": ("Kaggle EyePACS: train/*.jpeg + trainLabels.csv (optional test/ + retinopathy_solution.csv)",
-                (output_flags, image_flags, split_flags), converting(scan_eyepacs)),
+                (output_flags, image_flags, split_flags), functools.partial(run_conversion, scan_eyepacs)),
     "jsrt": ("JSRT .IMG radiographs (+ SCR masks via --masks) for segmentation",
-             (output_flags, image_flags, split_flags), converting(scan_jsrt)),
+             (output_flags, image_flags, split_flags), functools.partial(run_conversion, scan_jsrt)),
     "folder": ("any folder of PNG / JPEG / DICOM images (recursive), unlabelled",
-               (output_flags, image_flags, split_flags), converting(scan_folder)),
+               (output_flags, image_flags, split_flags), functools.partial(run_conversion, scan_folder)),
     "csv": ("any labelled dataset shipped as images plus a table (CheXpert, VinDr-CXR, MIMIC-CXR-JPG, in-house): "
             "labels per image, patient-level split, the same checks and report",
-            (output_flags, image_flags, split_flags, table_flags), converting(scan_csv)),
+            (output_flags, image_flags, split_flags, table_flags), functools.partial(run_conversion, scan_csv)),
     "speed": ("images/s of cache reads vs PNG decoding (one core)", (speed_flags,), run_speed),
 }
 
@@ -320,13 +331,28 @@ def parse_args(argv=None):
         for add in groups:
             add(p, name)
     args = ap.parse_args(argv)
-    for flag, low in (("size", 8), ("num_images", 1), ("workers", 1), ("limit", 1)):
-        if getattr(args, flag, None) is not None and getattr(args, flag) < low:
-            ap.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= {low}")
+    for flag, (low, high) in BOUNDS.items():
+        v = getattr(args, flag, None)
+        if v is not None and (v < low or high is not None and v > high):
+            ap.error(f"--{flag.replace('_', '-')} {v}: must be " + (f">= {low}" if v < low else
+                     f"<= {high} (4 processes per core; more only compete for this machine's {CORES} core(s))"))
+    fractions = {f: getattr(args, f, None) for f in ("val_fraction", "test_fraction")}
+    for flag, v in fractions.items():
+        if v is not None and not 0 <= v < 1:                     # nan too
+            ap.error(f"--{flag.replace('_', '-')} {v}: must be a fraction in [0, 1) of the images")
+    if sum(v or 0 for v in fractions.values()) >= 1:
+        ap.error(f"--val-fraction {fractions['val_fraction']} and --test-fraction {fractions['test_fraction']} "
+                 f"leave no image for train: their sum must be below 1")
+    own = {"i", "name", "patient", "split", "labels", *(["uncertain"] if getattr(args, "label_cols", None) else [])}
+    for c in getattr(args, "keep_cols", []):
+        if c in own:
+            ap.error(f"--keep-cols {c}: index.csv has its own {c!r} column, which the table's would shadow; "
+                     f"rename that column of the table, or leave it out")
     if (getattr(args, "train_list", None) is None) != (getattr(args, "val_list", None) is None):
         ap.error("--train-list and --val-list go together: give both, or neither for our patient-level split")
-    if getattr(args, "src", None) is not None and not args.src.is_dir():
-        ap.error(f"--src {args.src} is not a folder")
+    for flag in ("src", "masks"):
+        if getattr(args, flag, None) is not None and not getattr(args, flag).is_dir():
+            ap.error(f"--{flag} {getattr(args, flag)} is not a folder")
     return args
 
 
@@ -336,6 +362,17 @@ def main(argv=None):
     return COMMANDS[args.dataset][2](args, out)
 
 
+def stopped(signum, frame):
+    """SIGTERM (`kill`) unwinds like Ctrl-C, so that the writer removes its temporary folder."""
+    raise KeyboardInterrupt(signum)
+
+
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill`: clean up the temporary folder like Ctrl-C
-    main()
+    signal.signal(signal.SIGTERM, stopped)
+    try:
+        main()
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args else signal.SIGINT
+        print(f"\nerror: stopped by {signal.Signals(signum).name}: nothing was written (the temporary folder is "
+              f"removed); run the same command again", file=sys.stderr)
+        sys.exit(128 + signum)

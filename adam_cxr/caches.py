@@ -15,6 +15,7 @@ the arrays, and publish() writes meta.json last. measure_read_speed: what the ca
 import csv
 import io
 import json
+import multiprocessing as mp
 import os
 import signal
 import sys
@@ -150,6 +151,20 @@ def progress(total, label):
     """The progress bar of a conversion (tqdm on stderr: count, rate, ETA)."""
     from tqdm import tqdm
     return tqdm(total=total, desc=label, unit="img", file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
+
+
+def worker_pool(workers, init=None, args=()):
+    """The writer's pool of decoding processes (fork). Its workers ignore SIGINT and die by SIGTERM: Ctrl-C reaches
+    the whole process group, and the writer alone stops the conversion (pool.terminate) and removes its temporary
+    folder, with one line instead of a traceback from every worker."""
+    return mp.get_context("fork").Pool(workers, _worker_signals, (init, args))
+
+
+def _worker_signals(init, args):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if init:
+        init(*args)
 
 
 def kill_point(done):

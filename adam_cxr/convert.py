@@ -5,7 +5,6 @@ A bad source file is an error naming it (and nothing is written) unless skip_bad
 skipped and listed in report.json. Files inside .tar(.gz) archives are read as a stream, without unpacking.
 """
 import json
-import multiprocessing as mp
 import os
 import sys
 import tarfile
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from adam_cxr.caches import STRUCTURES, kill_point, progress, publish, write_index
+from adam_cxr.caches import STRUCTURES, kill_point, progress, publish, worker_pool, write_index
 from adam_cxr.decode import read_image
 from adam_cxr.safe_files import abort_tmp, reserve, start_tmp
 
@@ -37,6 +36,9 @@ def _decode_task(task):
         return row, None, None, {"missing": True}, "missing"
     if kind == "missing_masks":
         return row, None, None, None, f"no SCR mask for {[STRUCTURES[j] for j, p in enumerate(mask_paths) if not p]}"
+    if kind == "bad_name":
+        return row, None, None, None, ("its name is not UTF-8 text, which index.csv and report.json need; rename "
+                                       "it (convmv -f latin1 -t utf8 renames a whole tree)")
     try:
         im, info = read_image(src, channels, size, fit, kind, _OPTS.get("dicom_window", "header"))
         image = np.asarray(im, np.uint8)
@@ -103,6 +105,9 @@ def convert(items, out, *, dataset, size, channels, fit, label_names, structures
     n, S = len(items), len(structures)
     if n == 0:
         raise ValueError(f"no images to convert for {dataset} (see the report above)")
+    for it in items:
+        if printable(it["name"]) != it["name"]:     # a file name that is not UTF-8: a bad file, named
+            it["decoder"] = "bad_name"
     tmp = start_tmp(out, force, need=n * size * size * (channels + S))
     try:
         shape = (n, size, size) if channels == 1 else (n, size, size, channels)
@@ -112,12 +117,12 @@ def convert(items, out, *, dataset, size, channels, fit, label_names, structures
         if S:
             reserve(tmp / "masks.npy")
         ok = np.zeros(n, bool)
-        bad, missing, unexpected, sizes, modes = [], [], [], Counter(), Counter()
+        bad, missing, unexpected, uniform, sizes, modes = [], [], [], [], Counter(), Counter()
         sem, stop = threading.Semaphore(max(4, 16 * workers) if workers > 1 else 10 ** 9), threading.Event()
         opts = dict(size=size, channels=channels, fit=fit, dicom_window=dicom_window)
         pool = None
         if workers > 1:
-            pool = mp.get_context("fork").Pool(workers, _worker_init, (opts,))
+            pool = worker_pool(workers, _worker_init, (opts,))
             results = pool.imap_unordered(_decode_task, _iter_tasks(items, sem, archives, unexpected, stop),
                                          chunksize=1)
         else:
@@ -130,18 +135,19 @@ def convert(items, out, *, dataset, size, channels, fit, label_names, structures
                 if info and info.get("missing"):
                     missing.append(items[row]["name"])
                 elif err is not None:
-                    src = items[row]["src"]
-                    where = "%s:%s" % tuple(src) if isinstance(src, tuple) else src
+                    where = _where(items[row])
                     if not skip_bad:
                         raise RuntimeError(f"bad source image {where}: {err} (use --skip-bad to skip and report "
                                            f"such files)")
-                    bad.append({"name": items[row]["name"], "file": str(where), "error": err})
+                    bad.append({"name": printable(items[row]["name"]), "file": where, "error": err})
                 else:
                     images[row], ok[row] = img, True
                     if masks is not None:
                         masks[row] = m
                     sizes[info["size"]] += 1
                     modes[info["mode"]] += 1
+                    if info.get("warning"):
+                        uniform.append({"file": _where(items[row]), "warning": info["warning"]})
                 if prog:
                     prog.update()
                 kill_point(done)
@@ -150,8 +156,8 @@ def convert(items, out, *, dataset, size, channels, fit, label_names, structures
             sem.release()                            # wake the feeder if it waits for a slot; it then stops
             if pool:
                 pool.terminate()
-        if prog:
-            prog.close()
+            if prog:
+                prog.close()                         # here: an error's line then follows the bar's last one
         images.flush()
         del images
         if masks is not None:
@@ -180,7 +186,7 @@ def convert(items, out, *, dataset, size, channels, fit, label_names, structures
         split_counts = Counter(r["split"] for r in rows)
         report.setdefault("missing_files", []).extend(missing)
         report.setdefault("not_in_csv_or_lists", []).extend(unexpected)
-        report.update(converted=len(keep), bad=bad, source_sizes=dict(sizes.most_common()),
+        report.update(converted=len(keep), bad=bad, nearly_uniform=uniform, source_sizes=dict(sizes.most_common()),
                       source_modes=dict(modes.most_common()), splits=dict(split_counts))
         (tmp / "report.json").write_text(json.dumps(report, indent=1))
         meta = dict(dataset=dataset, count=int(len(keep)), height=size, width=size, channels=channels,
@@ -193,11 +199,46 @@ def convert(items, out, *, dataset, size, channels, fit, label_names, structures
         raise
 
 
-def print_report(report, file=sys.stderr):
+def printable(name):
+    """A file name as text: the bytes of a name that is not UTF-8 (which os.fsdecode turns into surrogates, and
+    which no UTF-8 file can hold) shown as \\xNN escapes."""
+    return os.fsencode(str(name)).decode("utf-8", "backslashreplace")
+
+
+def _where(item):
+    """An item's file as text: its path, or ARCHIVE:MEMBER."""
+    src = item["src"]
+    return printable("%s:%s" % tuple(src) if isinstance(src, tuple) else src)
+
+
+def print_report(report, file=None):
     """Human summary of a report dict (the full one is in <out>/report.json)."""
+    file = file or sys.stderr
     for k, v in report.items():
         if isinstance(v, list):
-            shown = ", ".join(x if isinstance(x, str) else f"{x.get('file', x)} ({x.get('error', '')})" for x in v[:5])
+            shown = ", ".join(x if isinstance(x, str) else x["file"] + (f" ({x['error']})" if "error" in x else "")
+                              for x in v[:5])
             print(f"  {k}: {len(v)}" + (f"  [{shown}{', ...' if len(v) > 5 else ''}]" if v else ""), file=file)
         else:
             print(f"  {k}: {v}", file=file)
+
+
+def print_warnings(report, file=None):
+    """One WARNING line for each kind of image left out, repeated or suspicious, naming where the list is."""
+    file = file or sys.stderr
+    for key in ("missing_files", "listed_but_not_in_csv", "bad", "train_val_in_neither_list"):
+        if report.get(key):
+            print(f"WARNING: {len(report[key])} image(s) {key.replace('_', ' ')}: left out of the cache "
+                  f"(names in report.json)", file=file)
+    for key in ("duplicate_rows", "duplicate_list_entries", "duplicate_files"):
+        if report.get(key):
+            print(f"WARNING: {len(report[key])} {key.replace('_', ' ')}: each image taken once (the first of equal "
+                  f"rows, the first file found; which ones: report.json)", file=file)
+    if report.get("patients_in_two_splits"):
+        print(f"WARNING: {len(report['patients_in_two_splits'])} patient(s) in two splits, as the table's split "
+              f"says (names in report.json): the split is not patient-level", file=file)
+    for x in report.get("nearly_uniform", [])[:5]:
+        print(f"WARNING: {x['file']}: {x['warning']}", file=file)
+    if len(report.get("nearly_uniform", [])) > 5:
+        print(f"WARNING: {len(report['nearly_uniform'])} nearly uniform image(s) in all, kept in the cache (names "
+              f"in report.json)", file=file)

@@ -8,9 +8,11 @@ Documented pixel recipe (tests recompute it with PIL the same way):
   RGB:   Image.convert("RGB").  JPEGs are decoded with Image.draft(mode, (size, size)), i.e. by libjpeg's
          DCT scaling at the smallest 1/2, 1/4, 1/8 scale still >= size (a 3888x2592 photo decodes at 1/4
          of its side for 512 px: a fraction of the full decode's time).
-  fit:   "pad" centres the image on a black square, "crop" takes the centred square, "stretch" neither.
-  size:  Image.resize((size, size), Image.BILINEAR) (PIL filters with the full support when shrinking,
-         so this is antialiased); masks use Image.NEAREST and are then thresholded at > 0.
+  size:  Image.resize(..., Image.BILINEAR) (PIL filters with the full support when shrinking, so this is
+         antialiased); masks use Image.NEAREST and are then thresholded at > 0.
+  fit:   "pad": resized to (round(w * size / m), round(h * size / m)), m = max(w, h), then centred on a black
+         size x size square; "crop": the centred square, resized to size x size; "stretch": resized to size x size.
+  refused: a side under MIN_SIDE (8) px. Warned: a 16-bit or float image that comes out nearly uniform.
   DICOM: dicom_to_grey; JSRT raw: jsrt_to_grey.
 """
 import io
@@ -21,24 +23,44 @@ import numpy as np
 from PIL import Image, ImageOps
 
 
+MIN_SIDE = 8      # the smallest --size: an image with a shorter side (a 1x1 placeholder) holds no anatomy to learn
+FLAT_LEVELS = 8   # a scaled 16-bit image whose 1st..99th percentiles lie within fewer grey levels is near-uniform
+
+
 def _to_mode(im, channels):
+    """-> (the image in "L" or "RGB", a warning or None). A 16-bit or float image is min-max scaled to 0..255; when
+    98 % of its pixels then lie within fewer than FLAT_LEVELS grey levels (a constant image, or a near-constant one
+    whose few outlying pixels, such as a hot pixel, take the whole range) it is nearly uniform, mostly black, and
+    the warning says so."""
+    warning = None
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.asarray(im, np.float64)
         lo, hi = a.min(), a.max()
-        im = Image.fromarray(np.rint((a - lo) * 255 / max(hi - lo, 1)).astype(np.uint8))
-    return im.convert("L" if channels == 1 else "RGB")
+        g = np.rint((a - lo) * 255 / max(hi - lo, 1)).astype(np.uint8)
+        cdf = np.cumsum(np.bincount(g.ravel(), minlength=256))
+        p1, p99 = np.searchsorted(cdf, [0.01 * g.size, 0.99 * g.size])   # grey levels of the 1st, 99th percentile
+        if p99 - p1 < FLAT_LEVELS:
+            warning = (f"{im.mode} values {lo:g}..{hi:g}, but 98 % of the pixels fall within {p99 - p1 + 1} grey "
+                       f"level(s) of 256 once scaled to 8 bits: the image is nearly uniform (mostly black); check it "
+                       f"(a blank exposure, or a few outlying pixels)")
+        im = Image.fromarray(g)
+    return im.convert("L" if channels == 1 else "RGB"), warning
 
 
 def _fit(im, size, fit, resample=Image.BILINEAR):
+    """The recipe's fit and size. "pad" resizes the image to fit the square first (its sides scaled by
+    size / max(w, h) and rounded), then centres it on the black square: padding first would allocate a
+    max(w, h)^2 canvas, 9.3 GiB for a 100000 x 8 px strip, where this allocates about the output."""
     w, h = im.size
     if fit == "crop" and w != h:
         s = min(w, h)
         im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
     elif fit == "pad" and w != h:
         s = max(w, h)
-        canvas = Image.new(im.mode, (s, s), 0)
-        canvas.paste(im, ((s - w) // 2, (s - h) // 2))
-        im = canvas
+        fw, fh = max(1, round(w * size / s)), max(1, round(h * size / s))
+        canvas = Image.new(im.mode, (size, size), 0)
+        canvas.paste(im.resize((fw, fh), resample), ((size - fw) // 2, (size - fh) // 2))
+        return canvas
     if im.size != (size, size):
         im = im.resize((size, size), resample)
     return im
@@ -47,8 +69,10 @@ def _fit(im, size, fit, resample=Image.BILINEAR):
 def read_image(src, channels=1, size=None, fit="pad", decoder="auto", dicom_window="header",
                resample=Image.BILINEAR):
     """src (a path, or the bytes of an archive member) -> (PIL image in "L" for channels 1 or "RGB", {"size": "WxH",
-    "mode": what the source was}) by the recipe above, fitted to size x size when size is given. decoder "auto":
-    DICOM by its suffix or its DICM preamble, anything else through PIL; or "pil", "dicom", "jsrt"."""
+    "mode": what the source was, and "warning" when the image came out nearly uniform}) by the recipe above, fitted
+    to size x size when size is given. decoder "auto": DICOM by its suffix or its DICM preamble, anything else
+    through PIL; or "pil", "dicom", "jsrt". ValueError for an image with a side under MIN_SIDE px (the caller
+    names the file)."""
     path = None if isinstance(src, bytes) else Path(src)
     if decoder == "auto":
         decoder = "dicom" if path is not None and _is_dicom(path) else "pil"
@@ -66,7 +90,12 @@ def read_image(src, channels=1, size=None, fit="pad", decoder="auto", dicom_wind
         info = {"size": f"{im.size[0]}x{im.size[1]}", "mode": im.mode}
         if im.getexif().get(0x0112, 1) != 1:         # EXIF Orientation: the stored pixels are rotated or mirrored
             im = ImageOps.exif_transpose(im)
-    im = _to_mode(im, channels)
+    if min(im.size) < MIN_SIDE:
+        raise ValueError(f"a {im.size[0]}x{im.size[1]} px image is too small to learn anatomy from (at least "
+                         f"{MIN_SIDE} px a side); remove it")
+    im, warning = _to_mode(im, channels)
+    if warning:
+        info["warning"] = warning
     return (_fit(im, size, fit, resample) if size else im), info
 
 

@@ -67,16 +67,20 @@ class FolderImages:
         self.files = sorted(plain_images(root, (".png", ".jpg", ".jpeg")).values())
         if not self.files:
             raise DataError(f"--data {root}: no PNG/JPEG images in this folder")
-        self.name = str(root)
+        self.name, self.warned = str(root), set()
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
         try:
-            return np.array(read_image(self.files[i])[0])[None]  # 1 x H x W uint8, writable
+            im, info = read_image(self.files[i])
         except Exception as e:  # PIL raises many types; the user needs the file name
             raise DataError(f"cannot read image {self.files[i]}: {e}") from e
+        if info.get("warning") and i not in self.warned:   # once per file (and DataLoader worker), not per epoch
+            self.warned.add(i)
+            print(f"warning: {self.files[i]}: {info['warning']}", file=sys.stderr)
+        return np.array(im)[None]  # 1 x H x W uint8, writable
 
 
 def plain_images(root, exts, flag="--data"):

@@ -16,7 +16,6 @@ and stronger noise. A segmenter trained on 3 images cannot rely on where the hea
 import csv
 import json
 import math
-import multiprocessing as mp
 import os
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from adam_cxr.caches import STRUCTURES, kill_point, progress, publish, write_index
+from adam_cxr.caches import STRUCTURES, kill_point, progress, publish, worker_pool, write_index
 from adam_cxr.safe_files import abort_tmp, reserve, start_tmp
 
 PHANTOM_LABELS = ["nodule", "effusion", "cardiomegaly"]
@@ -235,7 +234,7 @@ def build_phantom(out, num_images=1000, size=256, seed=0, workers=1, force=False
         labels = [None] * n
         names = [f"phantom_{i:05d}" for i in range(n)]
         jobs = [(i, size, seed, tmp / "png" / f"{names[i]}.png") for i in range(n)]
-        pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
+        pool = worker_pool(workers) if workers > 1 else None
         results = pool.imap_unordered(_phantom_job, jobs, chunksize=8) if pool else map(_phantom_job, jobs)
         prog = None if quiet else progress(n, "phantom")
         try:
@@ -247,8 +246,8 @@ def build_phantom(out, num_images=1000, size=256, seed=0, workers=1, force=False
         finally:
             if pool:
                 pool.terminate()
-        if prog:
-            prog.close()
+            if prog:
+                prog.close()                         # here: an error's line then follows the bar's last one
         images.flush(), masks.flush()
         del images, masks
         np.save(tmp / "landmarks.npy", landmarks)

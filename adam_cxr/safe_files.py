@@ -119,12 +119,12 @@ class FolderLock:
             atexit.unregister(self.release)
 
 
-
-def write_atomic(path, write):
+def write_atomic(path, write, again="run the same command again"):
     """write(tmp path), fsync, then rename it onto path (made with its folder): a reader or a crash sees the old file
     or the new one, never half of one, and two writers never share a temporary name. A full disk raises DiskFull
-    naming the file; the temporary file is removed and the previous file kept. The writer of every checkpoint,
-    result and figure. Returns str(path)."""
+    naming the file and what to do once there is room (`again`, e.g. the --resume that continues a run); the
+    temporary file is removed and the previous file kept. The writer of every checkpoint, result and figure.
+    Returns str(path)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
@@ -138,8 +138,8 @@ def write_atomic(path, write):
         tmp.unlink(missing_ok=True)
         if full:
             kept = "; the previous one is kept" if path.exists() else ""
-            raise DiskFull(f"disk full while writing {path}{kept}: free some space (or pick another "
-                           f"folder) and run again") from None
+            raise DiskFull(f"disk full while writing {path}{kept}: free some space (or pick another folder), then "
+                           f"{again}") from None
         raise
     return str(path)
 
@@ -149,6 +149,8 @@ def write_atomic(path, write):
 
 TMP_FOLDER = re.compile(r"\.(.+)\.(tmp|old)-(\d+)")   # data_prep's hidden siblings of a cache being written
 _LOCKS = {}                                               # temporary folder -> the lock on its output
+# What to do about a full disk: a conversion keeps nothing of a failed try, so it starts again from the beginning.
+AGAIN = "free space and run the same command again, or pick another --out or a smaller --size"
 
 
 def _pid_alive(pid):
@@ -183,12 +185,14 @@ def start_tmp(out, force=False, need=0, wait=False):
                       f"{{pid}}): wait for it to end, or pick another --out", wait)
     try:
         recover(out)
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"--out {out} is a file, not a folder; pick a folder for the cache")
         if out.exists() and not (out / "meta.json").exists() and any(out.iterdir()):
             raise FileExistsError(f"{out} exists, is not empty and is not a cache (no meta.json)"
                                   f"{': --force replaces caches only' if force else ''}; move it away or pick --out")
         if (out / "meta.json").exists() and not force:
             raise FileExistsError(f"{out} already holds a cache; pass --force to rebuild it")
-        check_room(out.parent, need, f"writing {out}", "free space, or pick another --out or a smaller --size")
+        check_room(out.parent, need, f"writing {out}", AGAIN)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -201,8 +205,8 @@ def start_tmp(out, force=False, need=0, wait=False):
 
 def finish_tmp(tmp, out, meta, force=False):
     """Write the dict `meta` as meta.json last (itself via temp + rename), fsync every file, then rename the folder
-    into place and release the lock. A --force rebuild swaps: the old cache waits in .<name>.old-<pid> until the new one is in
-    place (a kill in between: recover puts it back), then is deleted."""
+    into place and release the lock. A --force rebuild swaps: the old cache waits in .<name>.old-<pid> until the new
+    one is in place (a kill in between: recover puts it back), then is deleted."""
     (tmp / "meta.json.tmp").write_text(json.dumps(meta, indent=1))
     for f in [*tmp.rglob("*"), tmp]:
         fsync(f)
@@ -233,7 +237,6 @@ def abort_tmp(tmp, out, error):
     if lock:
         lock.release()
     if full:
-        raise DiskFull(f"disk full while writing {out}: nothing was written; free space, or pick another --out or "
-                       f"a smaller --size") from None
+        raise DiskFull(f"disk full while writing {out}: nothing was written; {AGAIN}") from None
 
 

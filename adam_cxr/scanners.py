@@ -10,6 +10,7 @@ The split is always by patient (patient_split), so that no patient has images on
 """
 import csv
 import hashlib
+import io
 import re
 from collections import Counter
 from pathlib import Path
@@ -54,7 +55,7 @@ def _find(found, names, src, what):
 
 
 def _read_list(path):
-    return [l.strip() for l in Path(path).read_text().splitlines() if l.strip()]
+    return [l.strip() for l in read_text(path).splitlines() if l.strip()]
 
 
 def _repeats(names, where):
@@ -62,14 +63,53 @@ def _repeats(names, where):
     return [f"{where}: {n}" for n, c in Counter(names).items() if c > 1]
 
 
+def read_text(path):
+    """A table or list as text: UTF-8, a byte-order mark dropped. ValueError naming the file and line where it is not
+    UTF-8 (a table a spreadsheet saved as Latin-1 or UTF-16)."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path} line {line}: byte {data[e.start]:#04x} is not UTF-8 text; save the file as UTF-8 "
+                         f"('CSV UTF-8' in a spreadsheet)") from None
+
+
 def need_columns(path, header, need):
-    """ValueError naming the columns a table lacks. A header read as one column that holds ';', a tab or '|' means
-    the file has another separator, and the message says so."""
+    """ValueError naming the columns a table lacks or names twice (which of the two would be read?). A header read
+    as one column that holds ';', a tab or '|' means the file has another separator, and the message says so."""
     lacking = [c for c in need if c not in header]
     if lacking:
         sep = next((c for c in (";", "\t", "|") if len(header) == 1 and c in header[0]), None)
         said = f"it is separated by {sep!r}: save it comma-separated" if sep else f"its columns are {header}"
         raise ValueError(f"{path}: no column(s) {lacking}; {said}")
+    for c in dict.fromkeys(need):
+        at = [j + 1 for j, h in enumerate(header) if h == c]
+        if len(at) > 1:
+            raise ValueError(f"{path}: the header names {c!r} {len(at)} times (columns {', '.join(map(str, at))}); "
+                             f"rename the copies so that one column is {c!r}")
+
+
+def read_table(path, need):
+    """A CSV table -> (header, rows): rows yields (line, {column: value}), blank lines skipped. ValueError naming the
+    file and line for text that is not UTF-8, a column of `need` missing or named twice, and a row with more or
+    fewer fields than the header: an unquoted comma in a value shifts every value after it, and a short row would
+    read as blank cells."""
+    rd = csv.reader(io.StringIO(read_text(path), newline=""))
+    header = next(rd, [])
+    need_columns(path, header, need)
+
+    def rows():
+        for row in rd:
+            if not row:
+                continue
+            if len(row) != len(header):
+                why = ("a value holding a comma must be quoted, or every value after it moves one column" if
+                       len(row) > len(header) else "a short row would read as blank cells; complete it or remove it")
+                raise ValueError(f"{path} line {rd.line_num}: {len(row)} field(s), the header has {len(header)}: "
+                                 f"{why}")
+            yield rd.line_num, dict(zip(header, row))
+    return header, rows()
 
 
 def split_lists(train_list, val_list, csv_rows, train_val, test):
@@ -81,7 +121,7 @@ def split_lists(train_list, val_list, csv_rows, train_val, test):
     for flag, path, split in (("--train-list", train_list, "train"), ("--val-list", val_list, "val")):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path}: no such file")
-        for line_no, line in enumerate(Path(path).read_text().splitlines(), 1):
+        for line_no, line in enumerate(read_text(path).splitlines(), 1):
             if not line.strip():
                 continue
             name = line.split()[0]
@@ -116,33 +156,32 @@ def chestxray14_items(src, val_seed=0, train_list=None, val_list=None):
             (dup.append(rel) if p.name in pngs else pngs.__setitem__(p.name, p))
     archives = [p for rel, p in found.items() if rel.endswith((".tar.gz", ".tgz", ".tar"))]
     csv_rows, line_of, dup_rows = {}, {}, []
-    with open(entry, newline="", encoding="utf-8-sig") as f:
-        rd = csv.reader(f)
-        header = next(rd, [])
-        need_columns(entry, header, ["Image Index", "Finding Labels"])
-        name_col, label_col = header.index("Image Index"), header.index("Finding Labels")
-        pid_col = header.index("Patient ID") if "Patient ID" in header else None
-        view_col = header.index("View Position") if "View Position" in header else None
-        width = max(c for c in (name_col, label_col, pid_col, view_col) if c is not None) + 1
-        for line, r in enumerate(rd, 2):
-            if not r:
-                continue
-            if len(r) < width:
-                raise ValueError(f"{entry} line {line}: {len(r)} field(s), the header has {len(header)}")
-            labels = [] if r[label_col] == "No Finding" else r[label_col].split("|")
-            unknown = [l for l in labels if l not in CXR14_LABELS]
-            if unknown:
-                raise ValueError(f"{entry} line {line}: unknown label(s) {unknown}; expected {CXR14_LABELS}")
-            name = r[name_col]
-            rec = dict(labels=labels, patient=r[pid_col] if pid_col is not None else name.split("_")[0],
-                       view=r[view_col] if view_col is not None else "")
-            if name in csv_rows:                     # a repeated row must say the same
-                if csv_rows[name] != rec:
-                    raise ValueError(f"{entry} line {line}: {name} repeats line {line_of[name]} with other labels, "
-                                     f"patient or view; keep one of the two rows")
-                dup_rows.append(f"{entry.name} line {line}: {name}")
-            csv_rows.setdefault(name, rec)
-            line_of.setdefault(name, line)
+    rd = csv.reader(io.StringIO(read_text(entry), newline=""))
+    header = next(rd, [])
+    need_columns(entry, header, ["Image Index", "Finding Labels"])
+    name_col, label_col = header.index("Image Index"), header.index("Finding Labels")
+    pid_col = header.index("Patient ID") if "Patient ID" in header else None
+    view_col = header.index("View Position") if "View Position" in header else None
+    width = max(c for c in (name_col, label_col, pid_col, view_col) if c is not None) + 1
+    for line, r in enumerate(rd, 2):
+        if not r:
+            continue
+        if len(r) < width:
+            raise ValueError(f"{entry} line {line}: {len(r)} field(s), the header has {len(header)}")
+        labels = [] if r[label_col] == "No Finding" else r[label_col].split("|")
+        unknown = [l for l in labels if l not in CXR14_LABELS]
+        if unknown:
+            raise ValueError(f"{entry} line {line}: unknown label(s) {unknown}; expected {CXR14_LABELS}")
+        name = r[name_col]
+        rec = dict(labels=labels, patient=r[pid_col] if pid_col is not None else name.split("_")[0],
+                   view=r[view_col] if view_col is not None else "")
+        if name in csv_rows:                     # a repeated row must say the same
+            if csv_rows[name] != rec:
+                raise ValueError(f"{entry} line {line}: {name} repeats line {line_of[name]} with other labels, "
+                                 f"patient or view; keep one of the two rows")
+            dup_rows.append(f"{entry.name} line {line}: {name}")
+        csv_rows.setdefault(name, rec)
+        line_of.setdefault(name, line)
     both = sorted(set(train_val) & set(test))
     if both:
         raise ValueError(f"{both[0]} (and {len(both) - 1} more) in both train_val_list.txt and test_list.txt")
@@ -205,18 +244,16 @@ def eyepacs_items(src, val_fraction=0.1, seed=0):
         pass
     rows, dup_rows = {}, []
     for path, split in sources:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rd = csv.DictReader(f)
-            need_columns(path, rd.fieldnames or [], ["image", "level"])
-            for line, r in enumerate(rd, 2):
-                if r.get("image") is None or r.get("level") not in {"0", "1", "2", "3", "4"}:
-                    raise ValueError(f"{path} line {line}: need columns image,level with level in 0..4, got {r}")
-                if r["image"] in rows:               # a repeated row must say the same
-                    if rows[r["image"]] != (split, r["level"]):
-                        raise ValueError(f"{path} line {line}: {r['image']} is listed again with another level or "
-                                         f"split; keep one of the two rows")
-                    dup_rows.append(f"{path.name} line {line}: {r['image']}")
-                rows[r["image"]] = (split, r["level"])
+        _, table = read_table(path, ["image", "level"])
+        for line, r in table:
+            if r.get("image") is None or r.get("level") not in {"0", "1", "2", "3", "4"}:
+                raise ValueError(f"{path} line {line}: need columns image,level with level in 0..4, got {r}")
+            if r["image"] in rows:               # a repeated row must say the same
+                if rows[r["image"]] != (split, r["level"]):
+                    raise ValueError(f"{path} line {line}: {r['image']} is listed again with another level or "
+                                     f"split; keep one of the two rows")
+                dup_rows.append(f"{path.name} line {line}: {r['image']}")
+            rows[r["image"]] = (split, r["level"])
     counts = Counter(n.split("_")[0] for n, (s, _) in rows.items() if s == "train" and n in files)
     val_patients = patient_split(counts, val_fraction, seed)
     items = []

@@ -5,12 +5,11 @@ Labels wide (one column per label: 1 / 0 / -1 uncertain / blank) or long (a colu
 image merged); the patient from a column or from the path (adam_cxr.scanners.patient_rule); the split from a
 column, from the table's file, or by patient; every row checked, the first fault an error naming file and line.
 """
-import csv
 from collections import Counter
 from pathlib import Path
 
 from adam_cxr.open_data import walk
-from adam_cxr.scanners import IMAGE_EXTS, apply_patients, need_columns, patient_rule, patient_split
+from adam_cxr.scanners import IMAGE_EXTS, apply_patients, patient_rule, patient_split, read_table
 
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                "dev": "val", "test": "test", "testing": "test"}
@@ -78,54 +77,51 @@ def csv_items(src, csvs, image_col, label_cols=(), label_col=None, no_label=("No
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"--csv {path}: no such file")
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rd = csv.DictReader(f)
-            header = rd.fieldnames or []
-            need = [image_col, *label_cols, *([label_col] if label_col else []), *([patient_col] if patient_col else []),
-                    *([split_col] if split_col else []), *keep_cols, *(w[0] for w in where)]
-            need_columns(path, header, need)
-            for line, r in enumerate(rd, 2):
-                at = f"{path} line {line}"
-                if any((r[c] or "").strip() != v for c, v in where):
-                    filtered += 1
-                    continue
-                cell = (r[image_col] or "").strip()
-                if not cell:
-                    raise ValueError(f"{at}: empty {image_col!r}")
-                name = image_path.format(cell)
-                if wide:
-                    pos, unc = [], []
-                    for c in label_cols:
-                        p, u = _label_value(r[c] or "", uncertain, blank, f"{at} column {c!r}")
-                        pos += [c] * p
-                        unc += [c] * u
-                else:
-                    names = [x.strip() for x in (r[label_col] or "").split("|")]
-                    pos, unc = sorted({x for x in names if x and x not in no_label}), []
-                split = file_split
-                if split_col:
-                    v = (r[split_col] or "").strip().lower()
-                    if v not in SPLIT_NAMES:
-                        raise ValueError(f"{at}: {split_col!r} is {r[split_col]!r}; expected one of {sorted(SPLIT_NAMES)}")
-                    split = SPLIT_NAMES[v]
-                rec = dict(labels=pos, uncertain=unc, split=split,
-                           patient=(r[patient_col] or "").strip() if patient_col else None,
-                           extra={c: r[c] for c in keep_cols})
-                if patient_col and not rec["patient"]:
-                    raise ValueError(f"{at}: empty patient column {patient_col!r}")
-                if name in rows:
-                    old = rows[name]
-                    if wide:                          # one row per image: a repeat must say the same
-                        if (old["labels"], old["uncertain"], old["split"]) != (pos, unc, split):
-                            raise ValueError(f"{at}: {name} repeats {line_of[name]} with other labels or split")
-                        dup_rows.append(at)
-                    else:                             # long tables: one row per finding (and reader), merged
-                        if old["split"] != split or old["patient"] != rec["patient"]:
-                            raise ValueError(f"{at}: {name} repeats {line_of[name]} with another split or patient")
-                        old["labels"] = sorted(set(old["labels"]) | set(pos))
-                    continue
-                rows[name], line_of[name] = rec, at
-                order.append(name)
+        need = [image_col, *label_cols, *([label_col] if label_col else []), *([patient_col] if patient_col else []),
+                *([split_col] if split_col else []), *keep_cols, *(w[0] for w in where)]
+        _, table = read_table(path, need)
+        for line, r in table:
+            at = f"{path} line {line}"
+            if any(r[c].strip() != v for c, v in where):
+                filtered += 1
+                continue
+            cell = r[image_col].strip()
+            if not cell:
+                raise ValueError(f"{at}: empty {image_col!r}")
+            name = image_path.format(cell)
+            if wide:
+                pos, unc = [], []
+                for c in label_cols:
+                    p, u = _label_value(r[c], uncertain, blank, f"{at} column {c!r}")
+                    pos += [c] * p
+                    unc += [c] * u
+            else:
+                names = [x.strip() for x in r[label_col].split("|")]
+                pos, unc = sorted({x for x in names if x and x not in no_label}), []
+            split = file_split
+            if split_col:
+                v = r[split_col].strip().lower()
+                if v not in SPLIT_NAMES:
+                    raise ValueError(f"{at}: {split_col!r} is {r[split_col]!r}; expected one of {sorted(SPLIT_NAMES)}")
+                split = SPLIT_NAMES[v]
+            rec = dict(labels=pos, uncertain=unc, split=split,
+                       patient=r[patient_col].strip() if patient_col else None,
+                       extra={c: r[c] for c in keep_cols})
+            if patient_col and not rec["patient"]:
+                raise ValueError(f"{at}: empty patient column {patient_col!r}")
+            if name in rows:
+                old = rows[name]
+                if wide:                          # one row per image: a repeat must say the same
+                    if (old["labels"], old["uncertain"], old["split"]) != (pos, unc, split):
+                        raise ValueError(f"{at}: {name} repeats {line_of[name]} with other labels or split")
+                    dup_rows.append(at)
+                else:                             # long tables: one row per finding (and reader), merged
+                    if old["split"] != split or old["patient"] != rec["patient"]:
+                        raise ValueError(f"{at}: {name} repeats {line_of[name]} with another split or patient")
+                    old["labels"] = sorted(set(old["labels"]) | set(pos))
+                continue
+            rows[name], line_of[name] = rec, at
+            order.append(name)
     label_names = list(label_cols) if wide else sorted({l for r in rows.values() for l in r["labels"]})
     items, missing = [], []
     for name in sorted(order):

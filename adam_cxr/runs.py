@@ -1,6 +1,6 @@
 """The run folder of adam.py: what a pretraining run writes, how it resumes, and what it refuses. Bookkeeping beside
-the method (adam.py), and the one home of the atomic writer and the checkpoint reader that finetune.py, eve.py
-and bench.py use too.
+the method (adam.py), and the one home of the checkpoint reader that finetune.py, eve.py
+and bench.py use too; the atomic writer, write_atomic, comes from adam_cxr/safe_files.py.
 
     OUT/args.json                  every setting, versions, commit and command, at every start
     OUT/log.jsonl                  one line per epoch (stage, level, epoch, step, loss, lr, pruned, val_loss, ...)
@@ -23,11 +23,9 @@ the saved run (check_resume).
 import argparse
 import json
 import math
-import os
 import pickle
 import platform
 import re
-import secrets
 import shutil
 import subprocess
 import sys
@@ -36,32 +34,8 @@ from pathlib import Path
 
 import torch
 
-import data_prep  # the safe-writing pieces shared with the dataset caches: FolderLock, fsync, DiskFull
 from adam_cxr import monitor  # curves.png, and the monitor's fields among the TensorBoard scalars
-
-
-def write_atomic(path, write):
-    """write(tmp path), fsync, then rename it onto path (made with its folder): a reader or a crash sees the old file
-    or the new one, never half of one, and two writers never share a temporary name. A full disk raises DiskFull
-    naming the file; the temporary file is removed and the previous file kept. The writer of every checkpoint,
-    result and figure. Returns str(path)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        write(tmp)
-        data_prep.fsync(tmp)
-        os.replace(tmp, path)
-        data_prep.fsync(path.parent)
-    except BaseException as e:
-        full = isinstance(e, Exception) and data_prep.disk_full(e, path.parent)
-        tmp.unlink(missing_ok=True)
-        if full:
-            kept = "; the previous one is kept" if path.exists() else ""
-            raise data_prep.DiskFull(f"disk full while writing {path}{kept}: free some space (or pick another "
-                                     f"folder) and run again") from None
-        raise
-    return str(path)
+from adam_cxr.safe_files import FolderLock, write_atomic  # the writing shared with the dataset caches
 
 
 def load_checkpoint(path, flag="--resume", keys=()):
@@ -253,8 +227,8 @@ def claim(args):
     Returns the lock."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    lock = data_prep.FolderLock(out / ".lock", f"--out {out} is in use by another adam.py run (pid {{pid}}): wait "
-                                f"for it to end, or pick another --out")
+    lock = FolderLock(out / ".lock", f"--out {out} is in use by another adam.py run (pid {{pid}}): wait "
+                      f"for it to end, or pick another --out")
     found = run_files(out, trained_only=True)
     if found and not (args.resume and Path(args.resume).resolve() == out.resolve()):
         if not args.overwrite:

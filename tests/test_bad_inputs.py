@@ -24,7 +24,7 @@ import adam
 import data_prep as dp
 import eve
 import finetune
-from adam_cxr import runs
+from adam_cxr import runs, safe_files
 from conftest import ROOT, TINY_RUN
 
 # What each script's `if __name__ == "__main__"` turns into one line (argparse errors exit by themselves).
@@ -90,7 +90,40 @@ def d(tiny_adam_run, phantom_root, tmp_path_factory):
     w.nocols = base / "cxr_nocols"
     shutil.copytree(w.semicolon, w.nocols)
     (w.nocols / "Data_Entry_2017.csv").write_text("Image,Labels\n00000001_000.png,No Finding\n")
+    _data_prep_inputs(w)
     return w
+
+
+def _data_prep_inputs(w):
+    """The table converter's and the image reader's bad inputs: images with tables whose rows are short, long, or
+    whose header names a column twice, a Latin-1 table, a 1x1 px image, a file name that is not UTF-8."""
+    w.tables = w.base / "tables"
+    w.tables.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((20, 20), 60 * i, np.uint8)).save(w.tables / f"{i}.png")
+    for name, text in (("short", "image,A,B\n0.png,1,0\n1.png,1\n2.png,0,1\n"),
+                       ("long", "image,A,B\n0.png,1,0\n1.png,x,1,0\n2.png,0,1\n"),
+                       ("twice", "image,A,B,A\n0.png,1,0,0\n1.png,0,1,1\n")):
+        (w.tables / f"{name}.csv").write_text(text)
+    (w.tables / "latin1.csv").write_bytes("image,A,B\n0.png,1,0\ncaf\xe9.png,0,1\n".encode("latin-1"))
+    (w.tables / "Data_Entry_2017.csv").write_text("Image Index,Finding Labels,Image Index\n0.png,No Finding,1.png\n")
+    (w.tables / "train_val_list.txt").write_text("0.png\n")
+    (w.tables / "test_list.txt").write_text("")
+    w.tiny_image = w.base / "tiny_image"
+    shutil.copytree(w.tables, w.tiny_image, ignore=shutil.ignore_patterns("*.csv", "*.txt"))
+    Image.fromarray(np.zeros((1, 1), np.uint8)).save(w.tiny_image / "dot.png")
+    w.badname = w.base / "badname"
+    shutil.copytree(w.tiny_image, w.badname, ignore=shutil.ignore_patterns("dot.png"))
+    try:
+        shutil.copy(w.tables / "0.png", os.fsencode(w.badname) + b"/caf\xe9.png")   # saved by a Latin-1 system
+    except OSError:                                  # a file system that only takes UTF-8 names: nothing to try
+        w.badname = None
+
+
+def _csv(d, table, *flags):
+    """data_prep.py csv on d.tables' images and one of its tables."""
+    return ["csv", "--src", str(d.tables), "--csv", str(d.tables / table), "--image-col", "image", "--out",
+            str(d.out), "--size", "16", "--workers", "1", *flags]
 
 
 # (id, script, argv from the fixture (d.out: a fresh folder for the row's output), the one line (regex), fixture
@@ -191,6 +224,59 @@ ROWS = [
     ("data-prep-src-holds-a-cache", dp, lambda d: ["folder", "--src", str(d.holder), "--out", str(d.out),
                                                    "--workers", "1"],
      r"--src .*holder: .*holder/phantom inside it is a data_prep.py cache", ["holder"], [""]),
+    # data_prep: malformed tables are refused at file:line, never read as labels
+    ("csv-short-row", dp, lambda d: _csv(d, "short.csv", "--label-cols", "A,B"),
+     r"tables/short.csv line 3: 2 field\(s\), the header has 3: a short row would read as blank cells", ["tables"],
+     [""]),
+    ("csv-long-row", dp, lambda d: _csv(d, "long.csv", "--label-cols", "A,B"),
+     r"tables/long.csv line 3: 4 field\(s\), the header has 3: a value holding a comma must be quoted", ["tables"],
+     [""]),
+    ("csv-header-names-a-column-twice", dp, lambda d: _csv(d, "twice.csv", "--label-cols", "A,B"),
+     r"tables/twice.csv: the header names 'A' 2 times \(columns 2, 4\)", ["tables"], [""]),
+    ("cxr14-header-names-a-column-twice", dp, lambda d: ["chestxray14", "--src", str(d.tables), "--out", str(d.out),
+                                                         "--size", "16", "--workers", "1"],
+     r"Data_Entry_2017.csv: the header names 'Image Index' 2 times \(columns 1, 3\)", ["tables"], [""]),
+    ("csv-not-utf8", dp, lambda d: _csv(d, "latin1.csv", "--label-cols", "A,B"),
+     r"tables/latin1.csv line 3: byte 0xe9 is not UTF-8 text; save the file as UTF-8", ["tables"], [""]),
+    # data_prep: images the reader cannot use, named
+    ("image-1x1", dp, lambda d: ["folder", "--src", str(d.tiny_image), "--out", str(d.out), "--size", "16",
+                                 "--workers", "1"],
+     r"bad source image .*tiny_image/dot.png: ValueError: a 1x1 px image is too small to learn anatomy from",
+     ["tiny_image"], [""]),
+    ("file-name-not-utf8", dp, lambda d: ["folder", "--src", str(d.badname), "--out", str(d.out), "--size", "16",
+                                          "--workers", "1"],
+     r"bad source image .*badname/caf\\xe9.png: its name is not UTF-8 text", ["badname"], [""]),
+    # data_prep: flags, checked when parsed
+    ("val-fraction-1.5", dp, lambda d: ["folder", "--src", str(d.tables), "--out", str(d.out), "--val-fraction", "1.5"],
+     r"--val-fraction 1.5: must be a fraction in \[0, 1\)", [], [""]),
+    ("val-fraction-nan", dp, lambda d: _csv(d, "short.csv", "--label-cols", "A,B", "--val-fraction", "nan"),
+     r"--val-fraction nan: must be a fraction in \[0, 1\)", [], [""]),
+    ("fractions-leave-no-train", dp, lambda d: _csv(d, "short.csv", "--label-cols", "A", "--val-fraction", "0.5",
+                                                    "--test-fraction", "0.5"),
+     r"--val-fraction 0.5 and --test-fraction 0.5 leave no image for train", [], [""]),
+    ("image-path-without-braces", dp, lambda d: _csv(d, "short.csv", "--label-cols", "A", "--image-path", "{name}"),
+     r"argument --image-path: '\{name\}': expected a path with \{\} where the column's value goes", [], [""]),
+    ("label-cols-empty", dp, lambda d: _csv(d, "short.csv", "--label-cols", ","),
+     r"argument --label-cols: ',': no column names", [], [""]),
+    ("label-cols-twice", dp, lambda d: _csv(d, "short.csv", "--label-cols", "A,A"),
+     r"argument --label-cols: 'A,A': 'A' is given twice", [], [""]),
+    ("keep-cols-shadows-index", dp, lambda d: _csv(d, "short.csv", "--label-cols", "A", "--keep-cols", "split"),
+     r"--keep-cols split: index.csv has its own 'split' column", [], [""]),
+    ("seed-negative", dp, lambda d: ["phantom", "--out", str(d.out), "--num-images", "2", "--seed", "-1"],
+     r"--seed -1: must be >= 0", [], [""]),
+    ("split-seed-negative", dp, lambda d: _csv(d, "short.csv", "--label-cols", "A", "--split-seed", "-1"),
+     r"--split-seed -1: must be >= 0", [], [""]),
+    ("workers-a-thousand", dp, lambda d: ["phantom", "--out", str(d.out), "--num-images", "2", "--workers", "1000"],
+     r"--workers 1000: must be <= \d+ \(4 processes per core", [], [""]),
+    ("masks-not-a-folder", dp, lambda d: ["jsrt", "--src", str(d.tables), "--masks", str(d.base / "SCR"), "--out",
+                                          str(d.out)],
+     r"--masks .*SCR is not a folder", [], [""]),
+    ("out-is-a-file", dp, lambda d: ["phantom", "--out", str(d.tables / "short.csv"), "--num-images", "2", "--size",
+                                     "16", "--workers", "1"],
+     r"--out .*short.csv is a file, not a folder", ["tables"], []),
+    ("speed-of-no-cache", dp, lambda d: ["speed", "--cache", str(d.base / "nowhere")],
+     r"--cache .*nowhere: dataset cache .*nowhere does not exist", [], [""]),
+    ("speed-n-0", dp, lambda d: ["speed", "--cache", str(d.phantom), "--n", "0"], r"--n 0: must be >= 1", [], []),
 ]
 
 
@@ -227,6 +313,8 @@ def test_bad_input_is_one_line_and_loses_nothing(row, d, capsys):
     name, script, argv, message, unchanged, absent = row
     if name == "device-cuda-without-gpu" and torch.cuda.is_available():
         pytest.skip("a GPU is visible")
+    if name == "file-name-not-utf8" and d.badname is None:
+        pytest.skip("this file system takes UTF-8 file names only")
     d.out = d.base / "out" / name
     before = snapshot(*[_where(d, n) for n in unchanged])
     line, err = one_line(script, argv(d), capsys)
@@ -393,24 +481,25 @@ def test_data_prep_on_a_full_disk_says_so_and_leaves_nothing(small_disk, tmp_pat
     if disk is None:                                   # no tmpfs here: a disk that reports 100 kB free
         disk = tmp_path / "disk"
         disk.mkdir()
-        monkeypatch.setattr(dp.shutil, "disk_usage", lambda p: SimpleNamespace(free=100_000))
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(free=100_000))
     args = ["phantom", "--out", str(disk / "phantom"), "--num-images", "40", "--size", "64", "--workers", "1"]
     with pytest.raises(SystemExit):
         dp.main(args)
     err = capsys.readouterr().err
-    assert re.search(r"error: disk full: writing .*phantom needs about 1.\d MiB and .* has \d+.\d MiB free; free space",
-                     err), err
+    assert re.search(r"error: disk full: writing .*phantom needs about 1.\d MiB and .* has \d+.\d MiB free; free space "
+                     r"and run the same command again, or pick another --out or a smaller --size", err), err
     assert "Traceback" not in err and list(disk.iterdir()) == []
-    monkeypatch.setattr(dp, "check_room", lambda *a: None)   # the check passed, then the disk filled up
+    monkeypatch.setattr(safe_files, "check_room", lambda *a: None)   # the check passed, then the disk filled up
     if not disk.is_mount():                            # no tmpfs: allocating the memory-mapped files finds no room
         def no_room(fd, offset, length):
             raise OSError(errno.ENOSPC, "No space left on device")
         monkeypatch.setattr(os, "posix_fallocate", no_room, raising=False)
-        monkeypatch.setattr(dp.shutil, "disk_usage", lambda p: SimpleNamespace(free=0))
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(free=0))
     with pytest.raises(SystemExit):
         dp.main(args)
     err = capsys.readouterr().err
-    assert re.search(r"error: disk full while writing .*phantom: nothing was written; free space", err), err
+    assert re.search(r"error: disk full while writing .*phantom: nothing was written; free space and run the same "
+                     r"command again", err), err
     assert "Traceback" not in err and list(disk.iterdir()) == []
 
 
@@ -428,7 +517,7 @@ def test_adam_on_a_full_disk_keeps_the_previous_checkpoint(d, small_disk, tmp_pa
                 raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
             return real_save(obj, f, *a, **k)
         monkeypatch.setattr(torch, "save", full)
-        monkeypatch.setattr(dp.shutil, "disk_usage", lambda p: SimpleNamespace(free=0))
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(free=0))
     out = disk / "run"
     with pytest.raises(dp.DiskFull, match=rf"disk full while writing {re.escape(str(out / 'checkpoint.pth'))}; the "
                                           r"previous one is kept"):
@@ -466,6 +555,60 @@ def test_one_reader_for_adam_data_prep_and_eve(tmp_path):
     np.testing.assert_array_equal(eve.read_dicom_grey(src / "a16.png", 32)[0], want / np.float32(255))
 
 
+def test_fitting_a_long_strip_allocates_about_its_output(tmp_path):
+    """A 100000 x 8 px image fitted to 512 px with --fit pad, grey and RGB: resized first, then padded, so reading it
+    needs about the decoded image plus a few outputs. Padding first would build a 100000^2 px canvas (9.3 GiB).
+    Measured as memory, not time: the reader runs in a child process whose address space may grow by only
+    `budget` (the decoded image + 8 outputs + 16 MiB for the decoder's buffers), so a bigger allocation fails
+    there with MemoryError; 4-8 MiB were needed where this was written."""
+    code = ("import resource, sys\n"
+            f"sys.path.insert(0, {str(ROOT)!r})\n"
+            "import numpy as np\n"
+            "from adam_cxr.decode import read_image\n"
+            "path, channels, budget = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])\n"
+            "vm = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize:'))\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (vm + budget, resource.getrlimit(resource.RLIMIT_AS)[1]))\n"
+            "a = np.asarray(read_image(path, channels, 512, 'pad')[0])\n"
+            "print(a.shape, np.flatnonzero(a.reshape(512, -1).any(1)).tolist())\n")
+    if not Path("/proc/self/status").exists():
+        pytest.skip("no /proc here to read the address space from")
+    strip = np.random.default_rng(0).integers(1, 256, (8, 100_000), dtype=np.uint8)
+    Image.fromarray(strip).save(tmp_path / "wide.png")
+    Image.fromarray(np.ascontiguousarray(strip.T)).save(tmp_path / "tall.png")
+    for name, channels in (("wide", 1), ("tall", 3)):
+        budget = strip.size * channels + 8 * 512 * 512 * channels + 16 * 2 ** 20
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path / f"{name}.png"), str(channels), str(budget)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-500:]
+        shape, rows = done.stdout.split(") ")
+        assert shape == f"({', '.join(['512', '512'] + ['3'] * (channels == 3))}"
+        # the strip keeps its aspect: one row of 512 px (wide), a column of 512 rows (tall)
+        assert rows.strip() == ("[255]" if name == "wide" else str(list(range(512))))
+
+
+def test_a_nearly_uniform_16_bit_image_is_named_in_a_warning(tmp_path, capsys):
+    """Min-max scaling maps a constant 16-bit image, or a near-constant one with a hot pixel, to black: the
+    conversion keeps it but names the file in a WARNING line and in report.json; a normal 16-bit image is not
+    named."""
+    src = tmp_path / "src"
+    src.mkdir()
+    hot = np.full((32, 32), 1000, np.uint16)
+    hot[8:24, 8:24], hot[0, 0] = 1100, 65535                    # the anatomy in 100 levels, one hot pixel
+    Image.fromarray(hot).save(src / "hot_pixel.png")
+    Image.fromarray(np.full((32, 32), 1000, np.uint16)).save(src / "blank.png")
+    Image.fromarray(np.random.default_rng(0).integers(1000, 40000, (32, 32)).astype(np.uint16)).save(src / "ok.png")
+    dp.main(["folder", "--src", str(src), "--out", str(tmp_path / "c"), "--size", "16", "--workers", "1"])
+    err = capsys.readouterr().err
+    for name in ("hot_pixel.png", "blank.png"):
+        assert re.search(rf"WARNING: .*src/{name}: I;16 values .*, but 98 % of the pixels fall within 1 grey level",
+                         err), err
+    assert "ok.png" not in err
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert sorted(Path(x["file"]).name for x in report["nearly_uniform"]) == ["blank.png", "hot_pixel.png"]
+    cache = dp.open_cache(tmp_path / "c")
+    assert len(cache) == 3 and cache.images[1].mean() < 2                       # hot_pixel.png: black, as warned
+
+
 # ---- the pruner's count at level 0 ------------------------------------------------------------------------------
 
 def test_level_0_runs_without_the_pruner_and_counts_nothing_pruned(tiny_adam_run):
@@ -497,6 +640,27 @@ def test_a_force_rebuild_killed_between_its_renames_loses_nothing(tmp_path):
     assert not [p.name for p in tmp_path.iterdir() if dp.TMP_FOLDER.fullmatch(p.name)]
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_data_prep_stopped_by_a_signal_says_so_in_one_line_and_leaves_nothing(tmp_path, sig):
+    """Ctrl-C (SIGINT to the whole process group, decoding workers included) or `kill` during a conversion: one
+    line, exit status 128 + the signal, and no temporary folder, lock or output left."""
+    out = tmp_path / "sub" / "phantom"
+    cmd = [sys.executable, str(ROOT / "data_prep.py"), "phantom", "--out", str(out), "--num-images", "20000",
+           "--size", "32", "--workers", "2"]
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: (signal.signal(signal.SIGINT, signal.SIG_DFL), os.setpgrp()))
+    err = ""
+    while "phantom:" not in err:                     # the progress bar: the pool is making images
+        err += p.stderr.read(1)
+        assert err or p.poll() is None, "data_prep.py ended before it started"
+    os.killpg(p.pid, sig)
+    err += p.communicate(timeout=120)[1]
+    assert p.returncode == 128 + sig, err
+    assert err.rstrip().splitlines()[-1] == (f"error: stopped by {signal.Signals(sig).name}: nothing was written "
+                                             f"(the temporary folder is removed); run the same command again")
+    assert "Traceback" not in err and list((tmp_path / "sub").iterdir()) == []
+
+
 def test_duplicate_rows_and_list_entries_are_reported_and_warned(tmp_path, capsys):
     from test_data_prep import _make_cxr14
     src = tmp_path / "src"
@@ -525,8 +689,8 @@ def test_duplicate_rows_and_list_entries_are_reported_and_warned(tmp_path, capsy
 
 
 def test_data_prep_syncs_every_file_before_the_cache_appears(tmp_path, monkeypatch):
-    events, real_fsync, real_rename = [], dp.fsync, os.rename
-    monkeypatch.setattr(dp, "fsync", lambda p: (events.append(("fsync", Path(p).name)), real_fsync(p))[1])
+    events, real_fsync, real_rename = [], safe_files.fsync, os.rename
+    monkeypatch.setattr(safe_files, "fsync", lambda p: (events.append(("fsync", Path(p).name)), real_fsync(p))[1])
     monkeypatch.setattr(os, "rename", lambda a, b: (events.append(("rename", Path(b).name)), real_rename(a, b))[1])
     out = tmp_path / "phantom"
     dp.main(["phantom", "--out", str(out), "--num-images", "4", "--size", "16", "--workers", "1"])

@@ -1,5 +1,6 @@
 """Tests of data_prep.py: fake downloads of every dataset, converted and compared with PIL-computed expectations;
 bad files, interrupted runs, splits, the phantom's ground truth. Runtime budget: 60 s on 2 cores."""
+import ast
 import csv
 import io
 import json
@@ -293,17 +294,15 @@ def test_dicom_folder_monochrome1(tmp_path):
     top = 2 ** ds.BitsStored - 1                                   # unsigned, no rescale: output 0 .. 2^15 - 1
     g = 255 - np.rint(apply_voi_lut(a, ds) / top * 255)            # pydicom's window, then invert MONOCHROME1
     h, w = g.shape
-    s = max(h, w)
-    canvas = np.zeros((s, s), np.uint8)
-    canvas[(s - h) // 2:(s - h) // 2 + h, (s - w) // 2:(s - w) // 2 + w] = g
-    want = np.asarray(Image.fromarray(canvas).resize((64, 64), Image.BILINEAR))
+    fw, fh = round(w * 64 / max(h, w)), round(h * 64 / max(h, w))    # the recipe's pad: resize to fit, then pad
+    x0, y0 = (64 - fw) // 2, (64 - fh) // 2
+    want = np.zeros((64, 64), np.uint8)
+    want[y0:y0 + fh, x0:x0 + fw] = np.asarray(Image.fromarray(g.astype(np.uint8)).resize((fw, fh), Image.BILINEAR))
     got = c.images[1]
     np.testing.assert_array_equal(got, want)
     # independent of the recipe: the inverted image anticorrelates with the raw detector values
-    raw = np.zeros((s, s), np.float32)
-    raw[(s - h) // 2:(s - h) // 2 + h, (s - w) // 2:(s - w) // 2 + w] = a
-    raw = np.asarray(Image.fromarray(raw).resize((64, 64), Image.BILINEAR))
-    inside = np.s_[:, 3:61]                                       # columns clear of the ~2 px padding
+    raw = np.asarray(Image.fromarray(a.astype(np.float32)).resize((fw, fh), Image.BILINEAR))
+    got, inside = got[y0:y0 + fh, x0:x0 + fw], np.s_[:, 1:-1]    # columns clear of the padding
     assert np.corrcoef(got[inside].ravel().astype(float), raw[inside].ravel())[0, 1] < -0.99
     assert c.index[1]["patient"] == str(ds.PatientID)
     np.testing.assert_array_equal(c.images[0][(64 - 43) // 2 + 5, 32], 7)     # the padded PNG
@@ -470,3 +469,48 @@ def test_missing_label_csv_is_one_clear_error(tmp_path, capsys):
         dp.main(["chestxray14", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--workers", "1"])
     err = capsys.readouterr().err
     assert "Data_Entry_2017.csv" in err and "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The front and its modules
+
+LAYERS = ["safe_files", "decode", "caches", "phantom", "open_data", "convert", "scanners", "tables"]
+SCRIPTS = {"adam", "data_prep", "finetune", "eve", "ablate", "bench"}
+
+
+def _imports(path):
+    """The modules a file imports: adam_cxr.X as X, anything else by its top-level name."""
+    found = set()
+    for n in ast.walk(ast.parse(path.read_text())):
+        if isinstance(n, ast.Import):
+            found |= {a.name.split(".")[0] if not a.name.startswith("adam_cxr.") else a.name[9:] for a in n.names}
+        elif isinstance(n, ast.ImportFrom) and n.module:
+            found |= ({a.name for a in n.names} if n.module == "adam_cxr" else
+                      {n.module[9:]} if n.module.startswith("adam_cxr.") else {n.module.split(".")[0]})
+    return found
+
+
+def test_the_data_modules_import_downward_only():
+    """data_prep.py's pieces are layers: each imports only the ones before it in LAYERS (no import circle, at the
+    top level or inside a function), none imports a script, and runs.py takes its safe writing from safe_files
+    without importing data_prep."""
+    for j, name in enumerate(LAYERS):
+        got = _imports(ROOT / "adam_cxr" / f"{name}.py")
+        assert not got & SCRIPTS and got & set(LAYERS) <= set(LAYERS[:j]), (name, got)
+    assert "data_prep" not in _imports(ROOT / "adam_cxr" / "runs.py")
+    assert _imports(ROOT / "data_prep.py") & set(LAYERS) == set(LAYERS)
+
+
+def test_the_front_is_thin_and_keeps_its_names():
+    """data_prep.py is the command line (a table of commands); `import data_prep` still offers what the scripts and
+    the tests use, as the very objects of the modules."""
+    assert len((ROOT / "data_prep.py").read_text().splitlines()) <= 400
+    from adam_cxr import caches, decode, open_data, phantom, safe_files
+    for module, names in ((open_data, "open_dataset open_images dataset_root CacheImages FolderImages"),
+                          (caches, "open_cache DataError STRUCTURES measure_read_speed"),
+                          (decode, "read_image dicom_to_grey jsrt_to_grey voi_output_range"),
+                          (phantom, "ensure_phantom phantom_sample LANDMARKS PHANTOM_LABELS PHANTOM_VERSION"),
+                          (safe_files, "DiskFull FolderLock TMP_FOLDER")):
+        for n in names.split():
+            assert getattr(dp, n) is getattr(module, n), n
+    assert set(dp.COMMANDS) == {"phantom", "chestxray14", "eyepacs", "jsrt", "folder", "csv", "speed"}

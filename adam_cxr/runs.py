@@ -103,7 +103,8 @@ def check_finite(record, args, **state):
 
 
 def save_checkpoint(path, **state):
-    write_atomic(path, lambda p: torch.save(state, p))
+    out = Path(path).parent                              # a full disk: say how the run continues once there is room
+    write_atomic(path, lambda p: torch.save(state, p), again=f"continue with `--resume {out}`")
 
 
 def export_backbone(student, path):

@@ -520,7 +520,7 @@ def test_adam_on_a_full_disk_keeps_the_previous_checkpoint(d, small_disk, tmp_pa
         monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(free=0))
     out = disk / "run"
     with pytest.raises(dp.DiskFull, match=rf"disk full while writing {re.escape(str(out / 'checkpoint.pth'))}; the "
-                                          r"previous one is kept"):
+                                          rf"previous one is kept.*continue with `--resume {re.escape(str(out))}`"):
         adam.main(d.tiny + ["--levels", "0", "--epochs", "2", "--steps-per-epoch", "1", "--out", str(out)])
     assert runs.load_checkpoint(out / "checkpoint.pth")["epoch"] == 1
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]

@@ -4,17 +4,8 @@ import json
 import math
 
 import pytest
-import torch
 
 import ablate
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny models on a shared 2-core box: a second thread only contends
-    yield
-    torch.set_num_threads(n)
 
 
 def test_plan_gives_every_variant_the_same_steps():
@@ -41,6 +32,7 @@ def test_paired_statistics_on_known_numbers():
     assert d["mde"] > 0 and ablate.paired(a, {(5, 5): 1.0}) is None
 
 
+@pytest.mark.slow
 def test_smoke_scale_end_to_end_and_resume(phantom_root, tmp_path, one_thread, capsys):
     out = tmp_path / "abl"
     res = ablate.main(["--out", str(out), "--scale", "smoke", "--data-root", str(phantom_root)])
@@ -76,6 +68,7 @@ def test_smoke_scale_end_to_end_and_resume(phantom_root, tmp_path, one_thread, c
         ablate.main(["--out", str(out), "--scale", "cpu", "--data-root", str(phantom_root)])
 
 
+@pytest.mark.slow
 def test_interrupted_pretraining_resumes_from_its_checkpoint(phantom_root, tmp_path, one_thread, monkeypatch):
     from adam_cxr import runs
     cfg, flags = ablate.SCALES["smoke"], ablate.VARIANTS["adam"][1]

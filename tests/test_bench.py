@@ -5,7 +5,7 @@ import pytest
 
 import adam_ext
 import bench
-from conftest import TINY_RUN
+from helpers import TINY_RUN
 
 
 @pytest.mark.skipif(not adam_ext.is_built(), reason="the fused op is not built")
@@ -20,6 +20,7 @@ def test_loss_table_runs_every_cpu_path(tmp_path):
     assert "T=0.1, t=0.5" in text and text.count("| cpu |") == 6
 
 
+@pytest.mark.slow
 def test_pipeline_mode_times_both_view_paths(phantom_root, capsys):
     flags = TINY_RUN + ["--data-root", str(phantom_root)]  # 48 phantoms, 36 in train: 4 batches of 8
     for extra in ([], ["--gpu-views"]):

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["env", "build", "smoke", "test", "sanitize", "bench", "train", "sweep"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not adam_ext.is_built(), reason="adam_ext not built")
 def test_dry_run_runs_every_stage_in_order(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"), PYTHON=sys.executable)

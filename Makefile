@@ -1,4 +1,5 @@
-# One entry point: `make demo` (CPU demo on phantoms, about 4 minutes on 2 cores, README) and `make test` (the test suite).
+# One entry point: `make demo` (CPU demo on phantoms, about 4 minutes on 2 cores, README) and `make test` (the test suite;
+# `make test-fast` for the fast tier).
 # Both create .venv and install everything on first use, including the fused op (adam_ext), built with its
 # CUDA kernels when a CUDA toolkit is found (setup.py looks at CUDA_HOME, then nvcc on PATH), and the optional
 # [baselines] extra (lightly, pinned in pyproject.toml and requirements.txt), so that the tests cover baselines.py.
@@ -23,7 +24,7 @@ REQS        := requirements.txt
 DEPS_FLAG   :=
 endif
 
-.PHONY: install demo test bench gpu-wheels clean
+.PHONY: install demo test test-fast bench gpu-wheels clean
 
 install: $(STAMP)
 
@@ -45,8 +46,13 @@ demo: $(STAMP)
 	$(BIN)/python eve.py --data phantom --arch resnet18 --img-size 64 --what locality,compositionality,frozen \
 		--frozen-size 128 --draws 3 --init adam:runs/demo --init random --compare --out runs/demo/eve
 
+# test: every test (CI runs this). test-fast: the tests not marked slow or cuda (pyproject.toml), meant to take under
+# 2 minutes on 2 cores and to touch every module: the loop while editing (docs/testing.md).
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -q -m "not slow and not cuda"
 
 bench: $(STAMP)
 	$(BIN)/python bench.py

@@ -32,6 +32,7 @@ def test_paired_statistics_on_known_numbers():
     assert d["mde"] > 0 and ablate.paired(a, {(5, 5): 1.0}) is None
 
 
+@pytest.mark.slow
 def test_smoke_scale_end_to_end_and_resume(phantom_root, tmp_path, one_thread, capsys):
     out = tmp_path / "abl"
     res = ablate.main(["--out", str(out), "--scale", "smoke", "--data-root", str(phantom_root)])
@@ -67,6 +68,7 @@ def test_smoke_scale_end_to_end_and_resume(phantom_root, tmp_path, one_thread, c
         ablate.main(["--out", str(out), "--scale", "cpu", "--data-root", str(phantom_root)])
 
 
+@pytest.mark.slow
 def test_interrupted_pretraining_resumes_from_its_checkpoint(phantom_root, tmp_path, one_thread, monkeypatch):
     from adam_cxr import runs
     cfg, flags = ablate.SCALES["smoke"], ablate.VARIANTS["adam"][1]

@@ -8,13 +8,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 
 import adam
 from adam_cxr import runs
 from bench import loop_info_nce  # the brute-force reference: docs/METHOD.md §4 one anchor at a time
-from conftest import ROOT, TINY_RUN
+from helpers import ROOT, TINY_RUN, loss_inputs, make_cxr14, train_tiny
 
 
 # ---- Anatomy Decomposer ------------------------------------------------------------------------
@@ -81,21 +80,11 @@ def test_separable_blur_is_torchvisions_blur(dtype, channels, size, kernel):
 
 # ---- Purposive Pruner + InfoNCE -----------------------------------------------------------------
 
-def random_inputs(B, K, D, seed, near_duplicates=0):
-    g = torch.Generator().manual_seed(seed)
-    q = F.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=1)
-    k = F.normalize(q + 0.5 * torch.randn(B, D, generator=g, dtype=torch.float64), dim=1)
-    queue = F.normalize(torch.randn(K, D, generator=g, dtype=torch.float64), dim=1)
-    for j in range(near_duplicates):  # entries the pruner at t=0.8 must drop for anchor j
-        queue[j] = F.normalize(q[j] + 0.05 * torch.randn(D, generator=g, dtype=torch.float64), dim=0)
-    return q, k, queue
-
-
 @pytest.mark.parametrize("threshold,expect_pruned", [(None, "none"), (1.0, "none"), (0.8, "some"),
                                                      (0.1, "some"), (-1.5, "all")])
 def test_info_nce_matches_loop_values_and_gradients(threshold, expect_pruned):
     B, K, D = 5, 37, 16
-    q, k, queue = random_inputs(B, K, D, seed=hash(str(threshold)) % 1000, near_duplicates=3)
+    q, k, queue = loss_inputs(B, D, K, planted=3, noise=0.05, seed=hash(str(threshold)) % 1000)
     q1, k1 = q.clone().requires_grad_(), k.clone().requires_grad_()
     q2, k2 = q.clone().requires_grad_(), k.clone().requires_grad_()
     loss, pruned = adam.info_nce(q1, k1, queue, 0.2, threshold, return_pruned=True)
@@ -116,7 +105,7 @@ def test_info_nce_matches_loop_values_and_gradients(threshold, expect_pruned):
 def test_info_nce_gradient_is_the_closed_form():
     """dL/dq_i = ((p_i0 - 1) k_i + sum_j p_ij b_j) / (tau B), docs/METHOD.md §4 (mean over B anchors)."""
     B, K, D, tau, t = 4, 23, 8, 0.2, 0.3
-    q, k, queue = random_inputs(B, K, D, seed=3, near_duplicates=2)
+    q, k, queue = loss_inputs(B, D, K, planted=2, noise=0.05, seed=3)
     q.requires_grad_()
     adam.info_nce(q, k, queue, tau, t).backward()
     s = q.detach() @ queue.t()
@@ -161,10 +150,7 @@ def test_bank_batch_larger_than_K_keeps_newest():
 
 # ---- training: stages, resume, export, DDP, errors ----------------------------------------------
 
-def run(phantom_root, out, *extra):
-    return adam.main(TINY_RUN + ["--data-root", str(phantom_root), "--out", str(out), *extra])
-
-
+@pytest.mark.slow
 def test_training_loss_goes_down(phantom_root, tmp_path):
     """Two stages (levels 0 then 2). The sampler is seeded, so a run with lr = 0 sees exactly the same views
     and bank-filling dynamics: the only difference is learning. Early epochs are dominated by the random
@@ -174,8 +160,8 @@ def test_training_loss_goes_down(phantom_root, tmp_path):
     loses ~75% of its negatives at level 2), which lowers the loss without any learning."""
     common = ["--levels", "0,2", "--epochs", "5", "--steps-per-epoch", "4", "--queue-size", "16",
               "--img-size", "48", "--val-steps", "0", "--threshold", "1"]
-    learnt = run(phantom_root, tmp_path / "learnt", *common, "--lr", "1")
-    frozen = run(phantom_root, tmp_path / "frozen", *common, "--lr", "0")
+    learnt = train_tiny(phantom_root, tmp_path / "learnt", *common, "--lr", "1")
+    frozen = train_tiny(phantom_root, tmp_path / "frozen", *common, "--lr", "0")
     for a, b in zip(learnt["stages"], frozen["stages"]):
         la, lb = [e["loss"] for e in a["epochs"]], [e["loss"] for e in b["epochs"]]
         assert np.mean(la[-3:]) < np.mean(lb[-3:]), (la, lb)
@@ -183,13 +169,14 @@ def test_training_loss_goes_down(phantom_root, tmp_path):
     assert np.mean(stage1[-3:]) < stage1[1], stage1
 
 
+@pytest.mark.slow
 def test_stage_two_starts_from_stage_one(phantom_root, tmp_path):
     """Levels 0 then (resumed) 0,2 gives the very losses of one run over 0,2: stage 2 starts from stage 1's
     student, teacher and bank. A stage-2-only run from scratch gives different losses."""
-    full = run(phantom_root, tmp_path / "full")
-    run(phantom_root, tmp_path / "split", "--levels", "0")
+    full = train_tiny(phantom_root, tmp_path / "full")
+    train_tiny(phantom_root, tmp_path / "split", "--levels", "0")
     second = adam.main(["--resume", str(tmp_path / "split"), "--levels", "0,2"])
-    alone = run(phantom_root, tmp_path / "alone", "--levels", "2")
+    alone = train_tiny(phantom_root, tmp_path / "alone", "--levels", "2")
     assert [s["level"] for s in full["stages"]] == [0, 2]
     assert second["stages"][0]["level"] == 2
     assert second["stages"][0]["losses"] == full["stages"][1]["losses"]
@@ -199,9 +186,10 @@ def test_stage_two_starts_from_stage_one(phantom_root, tmp_path):
     assert ckpt["level"] == 2 and ckpt["bank"].shape == (60, 128) and ckpt["bank_ptr"] == (6 * 8) % 60
 
 
+@pytest.mark.slow
 def test_resume_mid_stage_gives_the_same_losses(phantom_root, tmp_path, monkeypatch):
     extra = ["--levels", "0,2", "--epochs", "2", "--steps-per-epoch", "2"]
-    full = run(phantom_root, tmp_path / "full", *extra)
+    full = train_tiny(phantom_root, tmp_path / "full", *extra)
     saves = []
     real_save = runs.save_checkpoint
 
@@ -212,7 +200,7 @@ def test_resume_mid_stage_gives_the_same_losses(phantom_root, tmp_path, monkeypa
             raise KeyboardInterrupt
     monkeypatch.setattr(runs, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        run(phantom_root, tmp_path / "cut", *extra)
+        train_tiny(phantom_root, tmp_path / "cut", *extra)
     monkeypatch.setattr(runs, "save_checkpoint", real_save)
     resumed = adam.main(["--resume", str(tmp_path / "cut")])
     assert resumed["stages"][0]["level"] == 2
@@ -222,6 +210,7 @@ def test_resume_mid_stage_gives_the_same_losses(phantom_root, tmp_path, monkeypa
     assert all(np.isfinite(r["loss"]) and 0 <= r["pruned"] <= 1 and r["images_per_s"] > 0 for r in log)
 
 
+@pytest.mark.slow
 def test_exported_backbone_loads_into_torchvision(tiny_adam_run):
     for level in (0, 2):
         state = torch.load(tiny_adam_run / f"adam_resnet18_level{level}.pth", weights_only=True)
@@ -233,6 +222,7 @@ def test_exported_backbone_loads_into_torchvision(tiny_adam_run):
         assert torch.equal(ckpt["student"]["backbone." + key], value)
 
 
+@pytest.mark.slow
 def test_two_process_gloo_torchrun(phantom_root, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
            str(ROOT / "adam.py"), *TINY_RUN, "--data-root", str(phantom_root), "--out", str(tmp_path)]
@@ -245,6 +235,7 @@ def test_two_process_gloo_torchrun(phantom_root, tmp_path):
     assert done.stdout.count("== stage 1/2") == 1  # only rank 0 prints
 
 
+@pytest.mark.slow
 def test_missing_data_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="data_prep.py chestxray14"):
         adam.main(["--data", "chestxray14", "--data-root", str(tmp_path / "nowhere")])
@@ -254,6 +245,7 @@ def test_missing_data_folder_is_a_clear_error(tmp_path):
     assert str(tmp_path / "nowhere") in done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 1])
 def test_corrupt_image_names_the_file(tmp_path, workers):
     from PIL import Image
@@ -268,12 +260,12 @@ def test_corrupt_image_names_the_file(tmp_path, workers):
         adam.main(argv)
 
 
+@pytest.mark.slow
 def test_trains_on_a_prepared_chestxray14_cache(tmp_path):
     """data_prep.py's cache of a fake ChestX-ray14 download (both made by test_data_prep's fixture code) is what
     `--data chestxray14 --data-root` reads: a few steps on it, with the paper preset's flags shrunk."""
     import data_prep
-    from test_data_prep import _make_cxr14
-    _make_cxr14(tmp_path / "src", "flat")
+    make_cxr14(tmp_path / "src", "flat")
     data_prep.main(["chestxray14", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "cxr14"),
                     "--size", "32", "--skip-bad", "--workers", "1"])
     s = adam.main(["--data", "chestxray14", "--data-root", str(tmp_path / "cxr14"), "--arch", "resnet18",
@@ -285,11 +277,12 @@ def test_trains_on_a_prepared_chestxray14_cache(tmp_path):
     assert s["stages"][1]["epochs"][0]["val_loss"] is not None  # the cache's val split is used
 
 
+@pytest.mark.slow
 def test_device_views_path_trains_and_needs_a_cache(phantom_root, tmp_path, capsys):
     """--views device (BatchViews, tested against torchvision in test_gpu_views.py) runs the same training loop,
     here on the CPU, with workers returning (part, parameters of both views); a plain folder is refused by name.
     --gpu-views is the deprecated alias; auto picks the CPU workers on a CPU."""
-    s = run(phantom_root, tmp_path / "run", "--views", "device", "--workers", "1")
+    s = train_tiny(phantom_root, tmp_path / "run", "--views", "device", "--workers", "1")
     assert [len(st["losses"]) for st in s["stages"]] == [3, 3]
     assert all(np.isfinite(st["losses"]).all() for st in s["stages"])
     assert "views on cpu (BatchViews)" in capsys.readouterr().out

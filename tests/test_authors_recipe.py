@@ -15,11 +15,7 @@ import torchvision
 import adam
 import finetune
 from adam_cxr import runs
-from conftest import ROOT, TINY_RUN
-
-
-def _run(phantom_root, out, *extra):
-    return adam.main(TINY_RUN + ["--data-root", str(phantom_root), "--out", str(out), *extra])
+from helpers import ROOT, TINY_RUN, make_cxr14, train_tiny
 
 
 # ---- shuffle BN in one process ------------------------------------------------------------------
@@ -113,9 +109,10 @@ def test_a_key_is_normalised_with_other_images_than_its_query(G):
             assert len({j % G for j in k_group[i]}) == G
 
 
+@pytest.mark.slow
 def test_bn_groups_trains_and_exports_a_plain_torchvision_backbone(phantom_root, tmp_path):
-    s = _run(phantom_root, tmp_path / "g4", "--bn-groups", "4")                  # batch 8: 4 groups of 2
-    plain = _run(phantom_root, tmp_path / "g1")                                  # default at batch 8: 1 group
+    s = train_tiny(phantom_root, tmp_path / "g4", "--bn-groups", "4")                  # batch 8: 4 groups of 2
+    plain = train_tiny(phantom_root, tmp_path / "g1")                                  # default at batch 8: 1 group
     assert all(torch.isfinite(torch.tensor(st["losses"])).all() for st in s["stages"])
     assert s["stages"][0]["losses"] != plain["stages"][0]["losses"]            # the groups did change the step
     for run in ("g4", "g1"):
@@ -127,6 +124,7 @@ def test_bn_groups_trains_and_exports_a_plain_torchvision_backbone(phantom_root,
     assert adam.Encoder("resnet18", 8, 4).backbone.bn1.groups == 4
 
 
+@pytest.mark.slow
 def test_bn_groups_that_do_not_split_the_batch_are_one_clear_line(phantom_root, tmp_path):
     cmd = [sys.executable, str(ROOT / "adam.py"), *TINY_RUN, "--data-root", str(phantom_root), "--out",
            str(tmp_path), "--bn-groups", "3"]
@@ -153,11 +151,12 @@ def _equal(state, other):
     return sorted(state) == sorted(other) and all(torch.equal(state[k], other[k]) for k in state)
 
 
+@pytest.mark.slow
 def test_best_export_follows_a_planted_validation_curve(phantom_root, tmp_path, monkeypatch, capsys):
     curve = [3.0, 1.0, 2.0, 5.0, float("nan"), 4.0]        # stage level 0: best epoch 2; level 2: epoch 3 (NaN never)
     seen = _planted_validation(monkeypatch, curve)
     out = tmp_path / "run"
-    summary = _run(phantom_root, out, "--epochs", "3", "--steps-per-epoch", "1")
+    summary = train_tiny(phantom_root, out, "--epochs", "3", "--steps-per-epoch", "1")
     log = runs.read_log(out)
     assert [r["val_loss"] for r in log][:4] == curve[:4] and [r["best_epoch"] for r in log] == [1, 2, 2, 1, 1, 3]
     load = lambda name: torch.load(out / name, weights_only=True)
@@ -178,6 +177,7 @@ def test_best_export_follows_a_planted_validation_curve(phantom_root, tmp_path, 
     assert f"adam:{out}@last: {out / 'adam_resnet18_level2.pth'} (level 2, last epoch)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_best_export_survives_a_resume(phantom_root, tmp_path, monkeypatch):
     """The stage's best so far travels in the checkpoint: a worse epoch after the resume does not replace it."""
     seen = _planted_validation(monkeypatch, [2.0, 1.0, 1.5])
@@ -190,13 +190,14 @@ def test_best_export_survives_a_resume(phantom_root, tmp_path, monkeypatch):
             raise KeyboardInterrupt
     monkeypatch.setattr(runs, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        _run(phantom_root, tmp_path, *extra)
+        train_tiny(phantom_root, tmp_path, *extra)
     monkeypatch.setattr(runs, "save_checkpoint", real_save)
     adam.main(["--resume", str(tmp_path)])
     assert [r["best_epoch"] for r in runs.read_log(tmp_path)] == [1, 2, 2]
     assert _equal(torch.load(tmp_path / "adam_resnet18_level0_best.pth", weights_only=True), seen[1])
 
 
+@pytest.mark.slow
 def test_without_validation_the_last_epoch_is_taken_and_said(tiny_adam_run, capsys):
     """The tiny phantom's val split is smaller than a batch, so there is no validation loss and no best export."""
     assert not list(tiny_adam_run.glob("*_best.pth"))
@@ -211,8 +212,9 @@ def _args(out, epochs=1):
     return types.SimpleNamespace(resume=str(out), epochs=epochs)
 
 
+@pytest.mark.slow
 def test_cpu_random_state_round_trip(phantom_root, tmp_path):
-    _run(phantom_root, tmp_path, "--levels", "0", "--epochs", "2", "--steps-per-epoch", "1")
+    train_tiny(phantom_root, tmp_path, "--levels", "0", "--epochs", "2", "--steps-per-epoch", "1")
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert "cuda" not in ckpt["rng"]                           # CUDA was never used in this process
     student, teacher = adam.Encoder("resnet18", 128), adam.Encoder("resnet18", 128)
@@ -222,6 +224,7 @@ def test_cpu_random_state_round_trip(phantom_root, tmp_path):
     assert torch.equal(torch.get_rng_state(), ckpt["rng"]["torch"])
 
 
+@pytest.mark.slow
 def test_cuda_random_state_is_saved_and_restored(tmp_path, monkeypatch):
     """The CUDA branch on any machine: torch.cuda stands in as two devices with known states."""
     states = [torch.arange(8, dtype=torch.uint8), torch.arange(8, 16, dtype=torch.uint8)]
@@ -243,9 +246,11 @@ def test_cuda_random_state_is_saved_and_restored(tmp_path, monkeypatch):
     assert restored == [(states[0].tolist(), 0), (states[1].tolist(), 1)]
 
 
+@pytest.mark.slow
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_random_state_round_trip_on_a_gpu(phantom_root, tmp_path):
-    _run(phantom_root, tmp_path, "--levels", "0", "--epochs", "2", "--steps-per-epoch", "1", "--device", "cuda")
+    train_tiny(phantom_root, tmp_path, "--levels", "0", "--epochs", "2", "--steps-per-epoch", "1", "--device", "cuda")
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     saved = ckpt["rng"]["cuda"]
     torch.cuda.manual_seed_all(999)
@@ -261,8 +266,7 @@ def test_cuda_random_state_round_trip_on_a_gpu(phantom_root, tmp_path):
 
 @pytest.fixture(scope="module")
 def cxr14_tree(tmp_path_factory):
-    from test_data_prep import _make_cxr14
-    return _make_cxr14(tmp_path_factory.mktemp("cxr14") / "src", "flat")
+    return make_cxr14(tmp_path_factory.mktemp("cxr14") / "src", "flat")
 
 
 def _lists(tree, tmp_path, train, val):
@@ -280,6 +284,7 @@ def _train_val_by_patient(tree):
     return [n for n, p in tv if not 5 <= p <= 8], [n for n, p in tv if 5 <= p <= 8]
 
 
+@pytest.mark.slow
 def test_train_and_val_lists_make_the_split(cxr14_tree, tmp_path):
     import data_prep
     train, val = _train_val_by_patient(cxr14_tree)
@@ -302,6 +307,7 @@ def test_train_and_val_lists_make_the_split(cxr14_tree, tmp_path):
     assert report["train_val_in_neither_list"] == [train[0]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["missing", "overlap", "shared_patient", "twice", "test_image", "one_list"])
 def test_bad_lists_are_refused_naming_file_and_image(cxr14_tree, tmp_path, capsys, fault):
     import data_prep
@@ -408,6 +414,7 @@ def test_seg_augment_intensity_is_brightness_contrast_or_gamma():
         0.3, 0.1, 0.25)
 
 
+@pytest.mark.slow
 def test_segmentation_schedule_patience_and_one_pass_epochs(phantom_root, tmp_path, monkeypatch):
     """Planted validation losses: better at epochs 1-2, then never: with --patience 2 the run stops after epoch 5
     (the third epoch without improvement), tests epoch 2. The lr of epoch e is the authors' cosine set after epoch

@@ -25,7 +25,7 @@ import data_prep as dp
 import eve
 import finetune
 from adam_cxr import runs, safe_files
-from conftest import ROOT, TINY_RUN
+from helpers import ROOT, TINY_RUN, make_cxr14
 
 # What each script's `if __name__ == "__main__"` turns into one line (argparse errors exit by themselves).
 ONE_LINE = {adam: (OSError, ValueError, dp.DataError), finetune: (OSError, ValueError),
@@ -308,6 +308,7 @@ def one_line(script, argv, capsys):
     raise AssertionError(f"{script.__name__}.main({argv}) did not fail")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
 def test_bad_input_is_one_line_and_loses_nothing(row, d, capsys):
     name, script, argv, message, unchanged, absent = row
@@ -326,6 +327,7 @@ def test_bad_input_is_one_line_and_loses_nothing(row, d, capsys):
 
 @pytest.mark.parametrize("name", ["batch-size-0", "resume-arch", "data-holds-a-cache", "csv-semicolons",
                                   "finetune-nan-init"])
+@pytest.mark.slow
 def test_the_command_line_prints_that_one_line(name, d):
     """The same tries as real commands: exit status 1 or 2, the line on stderr, no traceback."""
     _, script, argv, message, _, _ = next(r for r in ROWS if r[0] == name)
@@ -346,6 +348,7 @@ def _strict_json_lines(path):
 
 @pytest.mark.parametrize("steps,what", [(2, r"the loss is not finite in stage 2 \(level 2\), epoch 1, step 4"),
                                         (1, r"student\.\S+ is not finite in stage 2 \(level 2\), epoch 1, step 2")])
+@pytest.mark.slow
 def test_a_diverging_run_stops_and_keeps_its_last_good_files(steps, what, d, tmp_path):
     """A good level-0 stage, then a level-2 stage with --lr 1e30 --wd 1e30: one step makes weights infinite. With
     several steps per epoch the next loss is NaN; with one, the loss was still finite and the weights are caught at
@@ -371,6 +374,7 @@ def test_the_log_is_strict_json_whatever_the_record_holds(tmp_path):
 
 # ---- the run folder -------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_overwrite_replaces_the_earlier_run_entirely(d, tmp_path):
     """--overwrite deletes the earlier run's files first: no export of a level the new run does not reach stays
     for `finetune --init adam:DIR` to pick, and the log holds the new run only."""
@@ -382,6 +386,7 @@ def test_overwrite_replaces_the_earlier_run_entirely(d, tmp_path):
     assert runs.backbone_file(out, "resnet18")[0].name == "adam_resnet18_level0.pth"
 
 
+@pytest.mark.slow
 def test_a_kill_between_log_line_and_checkpoint_leaves_each_epoch_once(d, tmp_path, monkeypatch):
     out, real_save = tmp_path / "run", runs.save_checkpoint
 
@@ -417,6 +422,7 @@ def holder(tmp_path):
         p.wait()
 
 
+@pytest.mark.slow
 def test_a_second_process_on_the_same_folder_is_refused_at_once(d, tmp_path, holder, capsys):
     out = tmp_path / "run"
     out.mkdir()
@@ -474,6 +480,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_data_prep_on_a_full_disk_says_so_and_leaves_nothing(small_disk, tmp_path, monkeypatch, capsys):
     """Before writing: the size is known, the free space checked. While writing (the disk filled meanwhile): the
     memory-mapped files are allocated first, so ENOSPC (not SIGBUS) arrives, as one line. Nothing stays behind."""
@@ -503,6 +510,7 @@ def test_data_prep_on_a_full_disk_says_so_and_leaves_nothing(small_disk, tmp_pat
     assert "Traceback" not in err and list(disk.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_adam_on_a_full_disk_keeps_the_previous_checkpoint(d, small_disk, tmp_path, monkeypatch):
     """A 250 MB disk holds epoch 1's checkpoint (~140 MB) and the level-0 export, not a second checkpoint beside
     the first: the write fails as "disk full while writing OUT/checkpoint.pth", the epoch-1 checkpoint stays,
@@ -611,6 +619,7 @@ def test_a_nearly_uniform_16_bit_image_is_named_in_a_warning(tmp_path, capsys):
 
 # ---- the pruner's count at level 0 ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_level_0_runs_without_the_pruner_and_counts_nothing_pruned(tiny_adam_run):
     """adam.py passes threshold None at level 0 (the authors prune only at levels > 0), and the fused op counts only
     real pruning (tests/test_fused_op.py: a NaN bank row is not 'pruned'), so the log says 0 there."""
@@ -620,6 +629,7 @@ def test_level_0_runs_without_the_pruner_and_counts_nothing_pruned(tiny_adam_run
 
 # ---- caches, swaps, lists ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_force_rebuild_killed_between_its_renames_loses_nothing(tmp_path):
     out = tmp_path / "phantom"
     dp.main(["phantom", "--out", str(out), "--num-images", "6", "--size", "16", "--workers", "1"])
@@ -640,6 +650,7 @@ def test_a_force_rebuild_killed_between_its_renames_loses_nothing(tmp_path):
     assert not [p.name for p in tmp_path.iterdir() if dp.TMP_FOLDER.fullmatch(p.name)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_data_prep_stopped_by_a_signal_says_so_in_one_line_and_leaves_nothing(tmp_path, sig):
     """Ctrl-C (SIGINT to the whole process group, decoding workers included) or `kill` during a conversion: one
@@ -661,10 +672,10 @@ def test_data_prep_stopped_by_a_signal_says_so_in_one_line_and_leaves_nothing(tm
     assert "Traceback" not in err and list((tmp_path / "sub").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_duplicate_rows_and_list_entries_are_reported_and_warned(tmp_path, capsys):
-    from test_data_prep import _make_cxr14
     src = tmp_path / "src"
-    fake = _make_cxr14(src, "flat")
+    fake = make_cxr14(src, "flat")
     entry = src / "Data_Entry_2017.csv"
     lines = entry.read_text().splitlines()
     entry.write_text("\n".join(lines + [lines[3]]) + "\n")                  # an identical repeated row

@@ -16,7 +16,7 @@ import torch
 import adam
 import baselines
 import semgen
-from conftest import ROOT
+from helpers import ROOT
 
 # DenseCL and VICRegL are lightly's pieces: the [baselines] extra, which `make test` installs
 needs_lightly = pytest.mark.skipif(importlib.util.find_spec("lightly") is None,
@@ -116,6 +116,7 @@ def test_feature_side_is_the_resnet_map_side(size):
         assert adam.feature_map(backbone, torch.zeros(1, 3, size, size)).shape[-1] == baselines.feature_side(size)
 
 
+@pytest.mark.slow
 @needs_lightly
 def test_vicregl_views_match_their_grids(phantom_root):
     import data_prep
@@ -240,6 +241,7 @@ def test_nearest_by_hand():
     assert semgen.nearest(f, f[0], 3) == [0, 2, 3]
 
 
+@pytest.mark.slow
 def test_self_discovery_and_the_pattern_crops(phantom_root, tmp_path):
     import data_prep
     train = data_prep.open_images("phantom", str(phantom_root), "train")
@@ -269,6 +271,7 @@ def test_self_discovery_and_the_pattern_crops(phantom_root, tmp_path):
 
 @pytest.mark.parametrize("method", [pytest.param("densecl", marks=needs_lightly),
                                     pytest.param("vicregl", marks=needs_lightly), "semgen"])
+@pytest.mark.slow
 def test_every_method_starts_from_adams_backbone(method, phantom_root, tmp_path):
     args = baselines.parse_args(tiny(method, phantom_root, tmp_path)[1:], method)
     device = torch.device("cpu")
@@ -290,6 +293,7 @@ def test_flags_for_keeps_what_the_method_takes():
                                                      ["--queue-size", "64", "--gpu-views", "--momentum-ema", "0.99"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", [pytest.param("densecl", marks=needs_lightly), "semgen"])  # banks; patterns
 def test_a_resumed_run_ends_where_the_uninterrupted_one_does(method, phantom_root, tmp_path, one_thread, monkeypatch):
     import finetune
@@ -317,6 +321,7 @@ def test_a_resumed_run_ends_where_the_uninterrupted_one_does(method, phantom_roo
     assert backbone.keys() == exported.keys() and all(torch.equal(backbone[k], exported[k]) for k in exported)
 
 
+@pytest.mark.slow
 @needs_lightly
 def test_densecl_takes_adams_views_made_on_the_device(phantom_root, tmp_path, one_thread):
     """--gpu-views (adam_cxr/gpu_views.py), here on the CPU: the views of a whole batch at once."""
@@ -324,6 +329,7 @@ def test_densecl_takes_adams_views_made_on_the_device(phantom_root, tmp_path, on
     assert summary["backbones"] and json.loads((tmp_path / "args.json").read_text())["args"]["gpu_views"]
 
 
+@pytest.mark.slow
 def test_without_lightly_the_baselines_stop_with_one_line(phantom_root, tmp_path, monkeypatch):
     """ablate.py's command line as a user without the extra runs it (lightly hidden from the import system), and
     baselines.py's error, before anything is read or made."""
@@ -344,6 +350,7 @@ def test_without_lightly_the_baselines_stop_with_one_line(phantom_root, tmp_path
 
 # ---- the smoke ablation with the baselines ---------------------------------------------------------
 
+@pytest.mark.slow
 @needs_lightly
 def test_smoke_ablation_lists_every_baseline_beside_adam_moco_and_random(phantom_root, tmp_path, one_thread):
     import ablate

@@ -8,7 +8,7 @@ import pytest
 import adam
 import adam_ext
 import bench
-from conftest import TINY_RUN
+from helpers import TINY_RUN
 
 
 @pytest.mark.skipif(not adam_ext.is_built(), reason="the fused op is not built")
@@ -23,6 +23,7 @@ def test_loss_table_runs_every_cpu_path(tmp_path):
     assert "T=0.1, t=0.5" in text and text.count("| cpu |") == 6
 
 
+@pytest.mark.slow
 def test_pipeline_mode_times_both_view_paths(phantom_root, capsys):
     flags = TINY_RUN + ["--data-root", str(phantom_root)]  # 48 phantoms, 36 in train: 4 batches of 8
     for extra in (["--views", "cpu"], ["--views", "device"]):
@@ -50,6 +51,7 @@ def test_selfcheck_mode_writes_its_table_and_exits_1_on_a_wrong_op(tmp_path, mon
         bench.main(["selfcheck", "--scale", "quick"])
 
 
+@pytest.mark.slow
 def test_train_mode_times_adams_own_step_three_ways(phantom_root, tmp_path, monkeypatch):
     """The three rows (step alone, device views, CPU loader) run adam.train_step itself, warm-up included, on the
     finest level of --levels; a folder that is not a cache gives the device row a reason instead of a number."""
@@ -72,6 +74,7 @@ def test_train_mode_times_adams_own_step_three_ways(phantom_root, tmp_path, monk
         bench.main(["train", "--rows", "step,gpu", *flags])
 
 
+@pytest.mark.slow
 def test_loader_mode_costs_each_stage_of_the_device_views_loader(phantom_root, capsys):
     rows = bench.main(["loader", "--batches", "2", *TINY_RUN, "--data-root", str(phantom_root), "--levels", "0,2"])
     assert [(r["level"], r["part"]) for r in rows] == [(0, "1x64x64"), (2, "1x32x32")]

@@ -29,11 +29,11 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import adam
-from conftest import tc_lse_reference
+from helpers import loss_inputs, tc_lse_reference
 
+pytestmark = pytest.mark.slow  # compiles the emulator, then runs each kernel as fibers
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(HERE, "cuda_emu", "info_nce_emu.cpp")
 T = 0.2
@@ -72,14 +72,7 @@ def CXX_FLAGS(cxx):
 def make(B, D, K, case, seed):
     """Unit-norm q, k, bank (float64). planted: a few bank rows are near-copies of anchors
     (cosine ~0.98, pruned at t = 0.8), the rest random (cosine ~N(0, 1/D), kept)."""
-    g = torch.Generator().manual_seed(seed)
-    q = F.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=1)
-    k = F.normalize(q + 0.5 * torch.randn(B, D, generator=g, dtype=torch.float64), dim=1)
-    bank = F.normalize(torch.randn(K, D, generator=g, dtype=torch.float64), dim=1)
-    n = min(K, 3 * B) if case == "planted" else 0
-    if n:
-        idx = torch.randperm(K, generator=g)[:n]  # spread over tiles and splits, not only the first
-        bank[idx] = F.normalize(q[torch.arange(n) % B] + 0.02 * torch.randn(n, D, generator=g, dtype=torch.float64), dim=1)
+    q, k, bank = loss_inputs(B, D, K, planted=min(K, 3 * B) if case == "planted" else 0, seed=seed, spread=True)
     t = {"none": float("inf"), "planted": 0.8, "all": -2.0}[case]
     return q, k, bank, t
 

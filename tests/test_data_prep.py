@@ -8,84 +8,20 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import data_prep as dp  # noqa: E402
+import data_prep as dp
+from helpers import CXR14_SIDE, ROOT, make_cxr14
 
-SRC_SIDE, SIZE = 40, 24          # fake ChestX-ray14 images are 40x40, cached at 24x24 (a real resize)
+SIZE = 24  # the fake ChestX-ray14 images (CXR14_SIDE = 40 px) cached at 24x24: a real resize
 
 
 # ----------------------------------------------------------------------------------------------------
-# Fake ChestX-ray14 download
-
-def _cxr14_records():
-    """(name, patient, labels) for 14 patients with 1-4 images each; deterministic."""
-    rng = np.random.default_rng(1)
-    recs = []
-    for p in range(1, 15):
-        for k in range(int(rng.integers(1, 5))):
-            labs = sorted(set(rng.choice(dp.CXR14_LABELS, int(rng.integers(0, 3)), replace=False)))
-            recs.append((f"{p:08d}_{k:03d}.png", f"{p}", labs))
-    return recs
-
-
-def _make_cxr14(root, layout):
-    """Write a fake ChestX-ray14 tree. Patients 1-4 are the test list. Every 4th image is RGBA (R=G=B, random
-    alpha), one image is a truncated PNG, one image file (listed) is missing from the CSV."""
-    root.mkdir(parents=True)
-    recs = _cxr14_records()
-    rng = np.random.default_rng(2)
-    files = {}
-    for j, (name, _, _) in enumerate(recs):
-        g = rng.integers(0, 256, (SRC_SIDE, SRC_SIDE), dtype=np.uint8)
-        if j % 4 == 1:
-            im = Image.fromarray(np.stack([g, g, g, rng.integers(0, 256, g.shape, dtype=np.uint8)], -1), "RGBA")
-        else:
-            im = Image.fromarray(g, "L")
-        buf = io.BytesIO()
-        im.save(buf, "PNG")
-        files[name] = buf.getvalue()
-    truncated, not_in_csv = recs[5][0], recs[9][0]
-    files[truncated] = files[truncated][: len(files[truncated]) // 2]
-    names = sorted(files)
-    halves = [names[: len(names) // 2], names[len(names) // 2:]]
-    if layout == "flat":
-        (root / "images").mkdir()
-        for n, b in files.items():
-            (root / "images" / n).write_bytes(b)
-    elif layout == "nested":
-        for a, half in enumerate(halves, 1):
-            d = root / f"images_{a:03d}" / "images"
-            d.mkdir(parents=True)
-            for n in half:
-                (d / n).write_bytes(files[n])
-    else:                                           # the published .tar.gz archives, left packed
-        for a, half in enumerate(halves, 1):
-            with tarfile.open(root / f"images_{a:03d}.tar.gz", "w:gz") as tf:
-                for n in half:
-                    info = tarfile.TarInfo(f"images/{n}")
-                    info.size = len(files[n])
-                    tf.addfile(info, io.BytesIO(files[n]))
-    with open(root / "Data_Entry_2017.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age",
-                    "Patient Gender", "View Position", "OriginalImage[Width", "Height]"])
-        for name, pid, labs in recs:
-            if name != not_in_csv:
-                w.writerow([name, "|".join(labs) or "No Finding", 0, pid, 50, "M", "PA", 1024, 1024])
-    test = [n for n, p, _ in recs if int(p) <= 4]
-    (root / "test_list.txt").write_text("\n".join(test) + "\n")
-    (root / "train_val_list.txt").write_text("\n".join(n for n, _, _ in recs if n not in test) + "\n")
-    return dict(root=root, recs=recs, files=files, truncated=truncated, not_in_csv=not_in_csv, test=set(test))
-
+# Fake ChestX-ray14 download (helpers.make_cxr14)
 
 def _expected_grey(data, size):
     """The documented recipe: PIL convert('L'), then resize BILINEAR."""
@@ -95,9 +31,10 @@ def _expected_grey(data, size):
 @pytest.fixture(scope="module")
 def cxr14(tmp_path_factory):
     base = tmp_path_factory.mktemp("cxr14")
-    return {lay: _make_cxr14(base / lay, lay) for lay in ("flat", "nested", "tar")}
+    return {lay: make_cxr14(base / lay, lay) for lay in ("flat", "nested", "tar")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout,workers", [("flat", 1), ("nested", 2), ("tar", 2)])
 def test_chestxray14_layouts(cxr14, tmp_path, layout, workers):
     fake = cxr14[layout]
@@ -125,9 +62,10 @@ def test_chestxray14_layouts(cxr14, tmp_path, layout, workers):
     assert [b["name"] for b in rep["bad"]] == [fake["truncated"]] and fake["truncated"] in rep["bad"][0]["file"]
     assert rep["listed_but_not_in_csv"] == [fake["not_in_csv"]]
     assert any(fake["not_in_csv"] in x for x in rep["not_in_csv_or_lists"])
-    assert rep["source_modes"].get("RGBA", 0) > 0 and rep["source_sizes"] == {f"{SRC_SIDE}x{SRC_SIDE}": len(good)}
+    assert rep["source_modes"].get("RGBA", 0) > 0 and rep["source_sizes"] == {f"{CXR14_SIDE}x{CXR14_SIDE}": len(good)}
 
 
+@pytest.mark.slow
 def test_chestxray14_same_split_every_layout_and_run(cxr14, tmp_path):
     idx = []
     for lay in ("flat", "tar"):
@@ -143,6 +81,7 @@ def test_chestxray14_same_split_every_layout_and_run(cxr14, tmp_path):
     assert len(got) >= 6 and set(got) <= set(idx[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["nested", "tar"])
 def test_chestxray14_truncated_file_is_an_error_naming_it(cxr14, tmp_path, capsys, layout):
     out = tmp_path / "chestxray14"
@@ -154,6 +93,7 @@ def test_chestxray14_truncated_file_is_an_error_naming_it(cxr14, tmp_path, capsy
     assert not out.exists() and list(tmp_path.iterdir()) == [], "half-written output left behind"
 
 
+@pytest.mark.slow
 def test_interrupted_run_leaves_no_loadable_cache(cxr14, tmp_path):
     out = tmp_path / "chestxray14"
     cmd = [sys.executable, str(ROOT / "data_prep.py"), "chestxray14", "--src", str(cxr14["nested"]["root"]),
@@ -399,6 +339,7 @@ def test_open_cache_errors(phantom, tmp_path):
         dp.open_cache(bad)
 
 
+@pytest.mark.slow
 def test_phantom_cli_force_and_concurrent_ensure(tmp_path, capsys):
     out = tmp_path / "phantom"
     args = ["phantom", "--out", str(out), "--num-images", "6", "--size", "32", "--workers", "1"]
@@ -438,6 +379,7 @@ def test_measure_read_speed_runs(phantom):
     assert r["shape"] == [40, 64, 64] and all(r[k] > 0 for k in r if k.endswith("_per_s"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_truncated_archive_is_named(cxr14, tmp_path, capsys, workers):
     src = tmp_path / "src"

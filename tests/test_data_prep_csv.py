@@ -3,16 +3,13 @@ pydicom's modality and VOI LUT functions, and finetune.py on any labelled cache 
 Tiny images (20 px sources, 16-32 px caches), one thread."""
 import csv
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import data_prep as dp  # noqa: E402
+import data_prep as dp
 
 LABELS = ["No Finding", "Cardiomegaly", "Edema", "Pleural Effusion"]
 VALUES = ["1.0", "0.0", "-1.0", ""]            # CheXpert: positive, negative, uncertain, not mentioned
@@ -283,6 +280,7 @@ def test_dicom_sigmoid_rescale_monochrome1(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # finetune.py on any labelled cache, and segmentation from any cache with masks
 
+@pytest.mark.slow
 def test_finetune_multilabel_on_csv_cache(chexpert, tmp_path, one_thread):
     import finetune
     out = tmp_path / "ft"
@@ -299,6 +297,7 @@ def test_finetune_multilabel_on_csv_cache(chexpert, tmp_path, one_thread):
     assert "## multilabel: auc" in (out / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_finetune_segmentation_from_any_mask_cache(phantom_root, tmp_path, one_thread):
     import finetune
     c = dp.open_cache(phantom_root)

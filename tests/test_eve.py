@@ -245,6 +245,7 @@ def test_bad_flags_and_files_fail_clearly(tmp_path):
     np.testing.assert_allclose(lms[1], [[5, 6], [3, 4]])
 
 
+@pytest.mark.slow
 def test_run_on_phantom_with_tiny_checkpoint(tiny_adam_run, phantom_root, tmp_path):
     out = tmp_path / "eve"
     summary = eve.main(["--init", f"adam:{tiny_adam_run}", "--init", "random", "--compare", "--arch", "resnet18",
@@ -269,6 +270,7 @@ def test_run_on_phantom_with_tiny_checkpoint(tiny_adam_run, phantom_root, tmp_pa
     assert set(summary["figures"]) == {"locality", "compositionality", "correspondence"}
 
 
+@pytest.mark.slow
 def test_compare_flag_forms(phantom_root, tmp_path):
     assert eve.get_args(["--init", "a", "--compare", "b", "c"]).inits == ["a", "b", "c"]
     assert eve.get_args(["--init", "a", "--init", "b", "--compare"]).compare == []

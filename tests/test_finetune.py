@@ -13,16 +13,7 @@ import data_prep
 import finetune
 
 ARCH = "resnet18"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The workloads here are tiny: on a small shared CPU two OpenMP threads can stall each other many times
-    over the work itself; one thread does not."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny workloads run on one thread
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +44,7 @@ def _assert_backbone_equal(model, reference):
     assert not bad, f"differs: {bad[:5]}"
 
 
+@pytest.mark.slow
 def test_each_checkpoint_form_gives_identical_backbone(tmp_path, reference):
     bb = {k: v for k, v in reference.items() if not k.startswith("fc.")}
     mlp = {"fc.0.weight": torch.randn(512, 512), "fc.0.bias": torch.randn(512),
@@ -89,6 +81,7 @@ def test_each_checkpoint_form_gives_identical_backbone(tmp_path, reference):
     _assert_backbone_equal(unet.encoder, reference)
 
 
+@pytest.mark.slow
 def test_real_adam_run_forms_agree(tiny_adam_run):
     """adam.py's own outputs: checkpoint.pth (last stage), the last exported level and the run folder agree."""
     run = tiny_adam_run
@@ -100,6 +93,7 @@ def test_real_adam_run_forms_agree(tiny_adam_run):
     assert not torch.equal(level0["conv1.weight"], a["conv1.weight"])  # the level-2 stage did train
 
 
+@pytest.mark.slow
 def test_every_script_accepts_the_same_archs(tmp_path):
     """adam.ARCHS is the one list: adam.py, finetune.py and eve.py accept each entry, the wide ResNets
     included (for segmentation too: a U-Net on a wide ResNet-50 encoder runs), and refuse anything else."""
@@ -197,6 +191,7 @@ def test_summary_and_paired_test_match_hand_computed():
     assert math.isnan(finetune.summarize([5.0])["std"])
 
 
+@pytest.mark.slow
 def test_three_shot_phantom_heart_from_adam_run(tiny_adam_run, phantom_root, tmp_path, monkeypatch):
     out = tmp_path / "ft"
     argv = ["--task", "phantom-heart", "--data-root", str(phantom_root), "--init", f"adam=adam:{tiny_adam_run}",
@@ -226,6 +221,7 @@ def test_three_shot_phantom_heart_from_adam_run(tiny_adam_run, phantom_root, tmp
     assert json.loads((out / "results.json").read_text()) == records
 
 
+@pytest.mark.slow
 def test_linear_probe_on_phantom_findings(phantom_root, tmp_path, reference):
     torch.save(reference, tmp_path / "tv.pth")
     out = tmp_path / "ft"

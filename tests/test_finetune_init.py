@@ -9,14 +9,7 @@ import finetune
 from adam import imagenet_normalise
 
 ARCH = "resnet18"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny workloads run on one thread
 
 
 def _randomised(model, seed=0):

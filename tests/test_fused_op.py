@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import adam
 import adam_ext
-from conftest import tc_lse_reference
+from helpers import loss_inputs, tc_lse_reference
 
 pytestmark = pytest.mark.skipif(not adam_ext.is_built(), reason="adam_ext not built: "
                                 "pip install --no-build-isolation -e .")
@@ -29,8 +29,8 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA bui
 # SIMPLE otherwise) and "cuda-simple" with the SIMPLE kernel forced
 # (ADAM_INFO_NCE_CUDA_KERNEL=simple, set by the autouse fixture below from the test id).
 # test_tf32_mode_runs_the_tc_kernel covers float32 on tensor cores.
-DEVICES = ["cpu", pytest.param("cuda", id="cuda", marks=needs_cuda),
-           pytest.param("cuda", id="cuda-simple", marks=needs_cuda)]
+DEVICES = ["cpu", pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, needs_cuda]),
+           pytest.param("cuda", id="cuda-simple", marks=[pytest.mark.cuda, needs_cuda])]
 
 
 @pytest.fixture(autouse=True)
@@ -43,16 +43,8 @@ GTOL = {torch.float32: dict(rtol=1e-4, atol=1e-6), torch.float64: dict(rtol=1e-1
 
 
 def make(B, D, K, dtype=torch.float32, device="cpu", planted=0, noise=0.02, seed=0):
-    """Unit-norm q, k (B x D) and bank (K x D); the first `planted` bank rows are near-duplicates
-    of q_0, q_1, ... (cosine ~0.97 at noise 0.02 and D = 128), the rest random (cosine ~N(0, 1/D))."""
-    g = torch.Generator().manual_seed(seed)
-    q = F.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=1)
-    k = F.normalize(q + 0.5 * torch.randn(B, D, generator=g, dtype=torch.float64), dim=1)
-    bank = F.normalize(torch.randn(K, D, generator=g, dtype=torch.float64), dim=1)
-    if planted:
-        src = q[torch.arange(planted) % B]
-        bank[:planted] = F.normalize(src + noise * torch.randn(planted, D, generator=g, dtype=torch.float64), dim=1)
-    return [t.to(device=device, dtype=dtype) for t in (q, k, bank)]
+    """helpers.loss_inputs (the first `planted` bank rows near-duplicates of q_0, q_1, ...) in dtype on device."""
+    return [t.to(device=device, dtype=dtype) for t in loss_inputs(B, D, K, planted, noise, seed)]
 
 
 def both(q, k, bank, T, t):
@@ -130,6 +122,7 @@ def test_no_grad_path_and_float64_loss_dtype(device):
     torch.testing.assert_close(a, adam.info_nce(q, k, bank, 0.2, 0.8), **TOL[torch.float64])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck_float64(device):
     """Finite differences vs the analytic backward; the threshold 0.75 keeps a margin > 1e-2 from
@@ -142,6 +135,7 @@ def test_gradcheck_float64(device):
     assert torch.autograd.gradcheck(lambda a, b: adam_ext.info_nce(a, b, bank, 0.3, 0.75), (q, k))
 
 
+@pytest.mark.slow
 def test_opcheck():
     q, k, bank = make(7, 32, 300, dtype=torch.float64, planted=7, noise=0.05, seed=13)
     # need_pb=False is the no-grad forward: checked without requires_grad (it has no backward)
@@ -221,6 +215,7 @@ def test_build_info():
     assert info.startswith("CPU"), info
 
 
+@pytest.mark.cuda
 @needs_cuda
 def test_cuda_kernel_choice(monkeypatch):
     """ADAM_INFO_NCE_CUDA_KERNEL: a typo is an error, 'tiled' where it cannot run says why, and
@@ -244,6 +239,7 @@ def test_cuda_kernel_choice(monkeypatch):
         adam_ext.info_nce(q, k, shifted, 0.2, 0.8)
 
 
+@pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("B,D,K", [(1, 64, 100), (37, 128, 5003), (300, 64, 9001)])
 @pytest.mark.parametrize("case", ["none", "planted", "all"])
@@ -295,6 +291,7 @@ def test_nan_bank_row_propagates_like_the_reference(device, t):
 # multiple of the 64-anchor tile; on a 132-SM GPU the tiled and tc blocks walk 8 and 3 tiles), and
 # with ADAM_INFO_NCE_CUDA_SMS=2 on a small bank (few blocks, dozens of tiles each, on any GPU). This
 # is where the cross-tile rescale of the running sum and the barrier before the next bank tile act.
+@pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("B,D,K,sms", [(256, 128, 65536, 0), (70, 64, 40000, 0), (70, 64, 6000, 2), (130, 128, 9000, 2)])
 @pytest.mark.parametrize("kernel", ["simple", "tiled", "tc"])
@@ -324,6 +321,7 @@ def test_cuda_blocks_walking_many_bank_tiles(monkeypatch, B, D, K, sms, kernel):
     assert float(pruned) == pytest.approx(3 * B / (B * K), abs=1e-7)
 
 
+@pytest.mark.cuda
 @needs_cuda
 def test_cuda_sms_override_is_checked(monkeypatch):
     q, k, bank = make(5, 64, 300, device="cuda", seed=37)

@@ -14,6 +14,7 @@ STAGES = ["env", "build", "smoke", "train", "test", "adam", "candidates", "sanit
 STEPS = {"nvidia-smi": "env", "train_bench": "train", "loader": "train", "train_adam": "adam"}  # step -> stage
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not adam_ext.is_built(), reason="adam_ext not built")
 def test_dry_run_runs_every_stage_in_order(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"), PYTHON=sys.executable)

@@ -162,6 +162,7 @@ def test_deterministic_and_device_independent():
         assert (qc.cpu() - q1).abs().max() < 2.5e-3 and (kc.cpu() - k1).abs().max() < 2.5e-3
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 def test_cuda_output_on_cuda():
     x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, device="cuda")

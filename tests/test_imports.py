@@ -108,3 +108,14 @@ def test_a_circle_through_a_function_level_import_is_found(tmp_path):
     edges = graph(tmp_path)
     assert edges["top"] == {"pkg", "pkg.a"} and edges["pkg.d"] == {"pkg.c"} and edges["pkg.c"] == {"pkg"}
     assert sorted(circles(edges)) == [["pkg", "pkg.c"], ["pkg.a", "pkg.b"]]
+
+
+def test_test_files_share_through_helpers_not_through_each_other():
+    """A test file imports helpers.py (its fixtures come from conftest.py), never another test file or conftest."""
+    bad = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            bad += [f"{path.name} imports {n}" for n in names if n.split(".")[0].startswith("test_") or n == "conftest"]
+    assert not bad, "move what is shared into tests/helpers.py (functions) or tests/conftest.py (fixtures)"

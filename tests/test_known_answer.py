@@ -42,6 +42,7 @@ def test_the_cache_opens_as_a_data_prep_cache_with_the_class_as_label(tmp_path):
         shapes.build_shapes(tmp_path / "s", num_images=61, size=32)
 
 
+@pytest.mark.slow
 def test_known_answer_smoke_run_compares_pretraining_with_random_init(tmp_path):
     out = tmp_path / "ka"
     result = known_answer.main(["--out", str(out), "--seeds", "0,1", "--images", "160", "--epochs", "1",

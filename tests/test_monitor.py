@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import adam
-from adam_cxr import monitor, runs
-from conftest import TINY_RUN
+from adam_cxr import monitor
+from helpers import train_tiny
 
 
 def unit(*shape, seed):
@@ -40,6 +40,7 @@ def test_statistics_are_their_definitions_when_nothing_is_subsampled():
     assert "q.b med" in mon.brief() and "unif" in mon.brief()
 
 
+@pytest.mark.slow
 def test_subsample_is_few_steps_few_anchors_and_follows_the_bank_ages():
     B, K, steps = 64, 20000, 40
     torch.manual_seed(0)
@@ -65,16 +66,10 @@ def test_subsample_is_few_steps_few_anchors_and_follows_the_bank_ages():
     assert abs(first - ref[0]) > 0.1
 
 
-def test_epoch_records_keep_the_last_line_of_a_repeated_epoch(tmp_path):
-    lines = [dict(stage=0, level=0, epoch=1, step=3, loss=5.0), dict(stage=0, level=0, epoch=2, step=6, loss=4.0),
-             dict(stage=0, level=0, epoch=2, step=6, loss=3.5), dict(stage=1, level=2, epoch=1, step=9, loss=3.0)]
-    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    assert [r["loss"] for r in runs.epoch_records(tmp_path)] == [5.0, 3.5, 3.0]
-
-
+@pytest.mark.slow
 def test_run_logs_the_monitor_prints_it_and_draws_curves(phantom_root, tmp_path, capsys):
     out = tmp_path / "run"
-    adam.main(TINY_RUN + ["--data-root", str(phantom_root), "--out", str(out)])
+    train_tiny(phantom_root, out)
     printed = capsys.readouterr().out
     assert "q.b med" in printed and "align" in printed and "unif" in printed
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

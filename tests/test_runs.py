@@ -1,5 +1,6 @@
-"""Readable runs: OUT/args.json at the start of every adam.py run (settings, versions, commit), and the optional
-TensorBoard scalars (--tensorboard), never required."""
+"""adam_cxr/runs.py, readable runs: OUT/args.json at the start of every adam.py run (settings, versions, commit, the
+loss path adam.choose_loss picked), the optional TensorBoard scalars (--tensorboard), never required, and the
+epoch records read back from log.jsonl."""
 import json
 import subprocess
 import sys
@@ -10,14 +11,11 @@ import torch
 import torchvision
 
 import adam
-from adam_cxr import monitor
-from conftest import ROOT, TINY_RUN
+from adam_cxr import monitor, runs
+from helpers import ROOT, train_tiny
 
 
-def _run(phantom_root, out, *extra):
-    return adam.main(TINY_RUN + ["--data-root", str(phantom_root), "--out", str(out), *extra])
-
-
+@pytest.mark.slow
 def test_args_json_holds_settings_versions_commit(tiny_adam_run):
     info = json.loads((tiny_adam_run / "args.json").read_text())
     saved = torch.load(tiny_adam_run / "checkpoint.pth", weights_only=True)["args"]
@@ -35,9 +33,10 @@ def test_args_json_holds_settings_versions_commit(tiny_adam_run):
     assert info["previous_starts"] == []
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_earlier_start(phantom_root, tmp_path):
     out = tmp_path / "run"
-    _run(phantom_root, out, "--levels", "0", "--steps-per-epoch", "1")
+    train_tiny(phantom_root, out, "--levels", "0", "--steps-per-epoch", "1")
     first = json.loads((out / "args.json").read_text())
     assert first.pop("previous_starts") == []
     adam.main(["--resume", str(out), "--epochs", "2"])
@@ -64,10 +63,11 @@ class _FakeWriter:
         self.closed = True
 
 
+@pytest.mark.slow
 def test_tensorboard_scalars_match_the_log(phantom_root, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=_FakeWriter))
     out = tmp_path / "tb_run"
-    _run(phantom_root, out, "--tensorboard")
+    train_tiny(phantom_root, out, "--tensorboard")
     (w,) = _FakeWriter.made
     assert w.log_dir == str(out / "tb") and w.closed
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -77,18 +77,20 @@ def test_tensorboard_scalars_match_the_log(phantom_root, tmp_path, monkeypatch):
     assert steps == list(range(1, log[-1]["step"] + 1))            # one point per training step
 
 
+@pytest.mark.slow
 def test_tensorboard_without_the_package_is_one_clear_error(phantom_root, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)   # import fails as if not installed
     with pytest.raises(ValueError, match="pip install tensorboard"):
-        _run(phantom_root, tmp_path / "x", "--tensorboard")
+        train_tiny(phantom_root, tmp_path / "x", "--tensorboard")
     assert not (tmp_path / "x" / "checkpoint.pth").exists()
 
 
+@pytest.mark.slow
 def test_tensorboard_event_files_when_installed(phantom_root, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out = tmp_path / "tb_real"
-    _run(phantom_root, out, "--tensorboard")
+    train_tiny(phantom_root, out, "--tensorboard")
     acc = EventAccumulator(str(out / "tb"))
     acc.Reload()
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -105,3 +107,10 @@ def test_without_the_op_auto_uses_the_reference_and_says_so(monkeypatch):
     assert len(said) == 1 and said[0].startswith("loss: pure-PyTorch reference (auto; adam_ext not importable")
     with pytest.raises(ValueError, match="--loss fused: adam_ext is not importable"):
         adam.choose_loss("fused", torch.device("cpu"), said.append)
+
+
+def test_epoch_records_keep_the_last_line_of_a_repeated_epoch(tmp_path):
+    lines = [dict(stage=0, level=0, epoch=1, step=3, loss=5.0), dict(stage=0, level=0, epoch=2, step=6, loss=4.0),
+             dict(stage=0, level=0, epoch=2, step=6, loss=3.5), dict(stage=1, level=2, epoch=1, step=9, loss=3.0)]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert [r["loss"] for r in runs.epoch_records(tmp_path)] == [5.0, 3.5, 3.0]

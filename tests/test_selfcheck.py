@@ -9,7 +9,7 @@ import torch
 import adam
 import adam_ext
 from adam_ext import selfcheck
-from conftest import TINY_RUN
+from helpers import TINY_RUN
 
 pytestmark = pytest.mark.skipif(not adam_ext.is_built(), reason="adam_ext not built: "
                                 "pip install --no-build-isolation -e .")
@@ -82,6 +82,7 @@ def test_auto_falls_back_loudly_and_fused_stops():
     assert adam_ext.choose_path("torch", CPU, adam.info_nce, said.append) is adam.info_nce
 
 
+@pytest.mark.slow
 def test_training_falls_back_with_a_planted_fault(phantom_root, tmp_path, monkeypatch, capsys):
     """adam.main end to end: --loss auto trains on the reference after the warning (same losses as
     --loss torch), --loss fused stops before the first step with the message."""

@@ -11,6 +11,8 @@ Differences from the per-sample reference, all small:
   rounding between them) and the rotation is bilinear (RandomRotation's default is nearest);
 - shrinking reads from a 2x, 4x, ... mean-pooled copy (a mip level) instead of torchvision's antialias
   filter; the blur sees the real pixels around the crop where the reference reflects at its edge;
+- bilinear reads beyond the crop see the part's real pixels, and at the part's edge its edge pixels (adam.py ships
+  the part alone), where torchvision clamps at the crop's edge;
 - contrast uses the mean of the crop's pixels that stay in view after the rotation (ref.: all of them).
 """
 import math

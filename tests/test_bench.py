@@ -81,3 +81,22 @@ def test_loader_mode_costs_each_stage_of_the_device_views_loader(phantom_root, c
     assert all(r["sample"] > r["read"] > 0 and r["collate"] > 0 and r["pin"] > 0 for r in rows)
     assert all(math.isclose(r["total"], r["sample"] + r["collate"] + r["pin"]) for r in rows)
     assert "| level | part (C x H x W) |" in capsys.readouterr().out
+
+
+def test_views_mode_compares_the_samplers_with_torchvision(capsys):
+    """BatchViews' random parameters against torchvision's own draws: every distribution within the 1% critical
+    KS distance for its number of draws, a jitter order per sample (two samples share it 1/24 of the time), and
+    the two pixel checks printed. kornia's column only where kornia is installed."""
+    import torch
+    assert bench._ks(torch.arange(10.0), torch.arange(10.0)) == 0 and bench._ks(torch.zeros(5), torch.ones(5)) == 1
+    draws = bench.main(["views", "--samples", "1024", "--batch", "256"])
+    tv, bv = draws["torchvision"], draws["BatchViews"]
+    assert tv.shape == bv.shape == (1024, 14)
+    for cols in ([2], [3], [4], [5], [8], [13]):                          # crop h, w, angle, jitter, sigma
+        a, b = tv[:, cols[0]], bv[:, cols[0]]
+        if cols[0] >= 5:  # the samples where the step applies
+            a, b = a[(a != 1) & (a != 0)], b[(b != 1) & (b != 0)]
+        assert bench._ks(a, b) < 1.63 * math.sqrt(1 / len(a) + 1 / len(b)), cols
+    assert abs(bench._same_order(bv, 256) - 1 / 24) < 0.02
+    out = capsys.readouterr().out
+    assert "| share same jitter order, two jittered samples of one batch |" in out and "checkerboard shrunk" in out

@@ -735,7 +735,8 @@ def device_batches(loader, device, views=None):
 def to_views(item, views, memory_format=torch.preserve_format):
     """A batch on its device (device_batches) -> (x_q, x_k), B x 3 x S x S float, normalised, in memory_format: the
     workers' uint8 views, or with device views (parts, parameters of both views) -> BatchViews, for the whole batch."""
-    x_q, x_k = views.make(*item) if views is not None else (x.float() / 255 for x in item)  # [0, 1]
+    # [0, 1]; uint8 / 255 as torchvision's ToDtype(scale=True) computes it (x * (1 / 255)), to the last bit
+    x_q, x_k = views.make(*item) if views is not None else (x.float().mul_(1.0 / 255) for x in item)
     return tuple(imagenet_normalise(x).to(memory_format=memory_format) for x in (x_q, x_k))
 
 

@@ -31,11 +31,11 @@ Outputs in OUT: ablation.json (every run, rewritten after each), ablation.md (me
 paired difference to Adam with its 95% t-interval, the paired t-test p-value over seeds x draws, the same
 test on per-seed means, and the difference it could detect) and ablation.png. Each run's own folder and
 log live under OUT/pretrain, OUT/finetune, OUT/eve, OUT/logs. A rerun skips the runs ablation.json
-records and resumes an interrupted pretraining from its checkpoint.
+records and resumes an interrupted pretraining from its checkpoint; it must use the same scale, seeds, draws and
+data (ablation.json records the data's identity, adam_cxr.runs.data_identity), or is refused naming the flag.
 """
 import argparse
 import contextlib
-import json
 import math
 import os
 import platform
@@ -56,6 +56,7 @@ import data_prep
 import eve
 import finetune
 from adam_cxr import monitor, runs
+from finetune import paired_test, summarize
 from adam_cxr.runs import write_atomic
 from finetune import paired_test, summarize
 
@@ -174,12 +175,12 @@ def eve_run(key, seed, spec, cfg, root, out):
     res = eve.main(["--data", "phantom", "--data-root", str(root), "--arch", cfg["arch"], "--img-size",
                     str(cfg["img_size"]), "--init", f"{key}={spec}", "--seed", str(seed), "--dicom", "none",
                     "--out", str(out / "eve" / f"{key}_seed{seed}"), *cfg["eve"]])["results"][key]
-    comp = res["compositionality"]
+    comp, corr = res["compositionality"], res["correspondence"]
+    pct = lambda x: None if x is None else 100 * x      # undefined stays undefined
     return dict(kind="eve", variant=key, seed=seed, wall_s=round(time.time() - t0, 1),
                 locality=100 * res["locality"]["knn_accuracy"],
                 comp_gap=float(np.mean([comp[n]["gap"] for n in comp])),
-                corr_self=100 * res["correspondence"]["self"]["within_one_cell"],
-                corr_pair=100 * res["correspondence"]["pair"]["within_one_cell"], raw=res)
+                corr_self=pct(corr["self"]["within_one_cell"]), corr_pair=pct(corr["pair"]["within_one_cell"]), raw=res)
 
 
 # ----------------------------------------------------------------------------- statistics and reports
@@ -199,7 +200,9 @@ def values(records, variant, col):
     out = {}
     for r in records:
         if r["kind"] == kind and r["variant"] == variant and (select is None or select(r)):
-            out[(r["seed"], r.get("draw"))] = r["value"] if kind == "finetune" else r[key]
+            value = r["value"] if kind == "finetune" else r[key]
+            if value is not None:  # undefined (eve.json says why): no unit of the comparison
+                out[(r["seed"], r.get("draw"))] = value
     return out
 
 
@@ -327,9 +330,9 @@ def write_png(path, records, stats, variants):
 # ----------------------------------------------------------------------------- main
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="folder for ablation.json/.md/.png and every run's files; "
-                   "a rerun into it skips finished runs")
+    p = runs.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=runs.out_folder, required=True, help="folder for ablation.json/.md/.png and every "
+                   "run's files; a rerun into it skips finished runs")
     p.add_argument("--scale", default="cpu", choices=list(SCALES), help="smoke: the tests' (< 3 min, nothing "
                    "learnt); cpu: 2 CPU cores, about 90 min; gpu: one GPU (README)")
     p.add_argument("--ladder", action="store_true", help="also the granularity ladder (levels 0,1 ... 0,1,2,3,4)")
@@ -339,8 +342,10 @@ def get_args(argv=None):
                    "(both need pip install '.[baselines]'), semgen (docs/baselines.md)")
     p.add_argument("--data-root", default=None, help="phantom cache to use (default: the scale's, generated "
                    "when missing)")
-    p.add_argument("--seeds", type=int, default=None, help="pretraining seeds 0..N-1 (default: the scale's)")
-    p.add_argument("--draws", type=int, default=None, help="few-shot draws per seed (default: the scale's)")
+    p.add_argument("--seeds", type=runs.number(int, 1), default=None,
+                   help="pretraining seeds 0..N-1 (default: the scale's)")
+    p.add_argument("--draws", type=runs.number(int, 1), default=None,
+                   help="few-shot draws per seed (default: the scale's)")
     p.add_argument("--dry-run", action="store_true", help="print the runs and their step budgets, run nothing")
     args = p.parse_args(argv)
     for k in ("seeds", "draws"):
@@ -356,8 +361,19 @@ def get_args(argv=None):
     return args
 
 
+def is_state(s):
+    """The shape of ablation.json: what main() reads back from it."""
+    return (isinstance(s["scale"], str) and all(isinstance(s["settings"][k], int) for k in ("seeds", "draws"))
+            and all(isinstance(r, dict) and {"kind", "variant", "seed"} <= set(r) for r in s["runs"]))
+
+
 def main(argv=None):
     args = get_args(argv)
+    with contextlib.nullcontext() if args.dry_run else runs.locked(args.out, "ablate.py"):  # a dry run writes nothing
+        return _main(args, argv)
+
+
+def _main(args, argv):
     cfg = dict(SCALES[args.scale])
     cfg.update({k: getattr(args, k) for k in ("seeds", "draws") if getattr(args, k) is not None})
     out = Path(args.out)
@@ -367,13 +383,12 @@ def main(argv=None):
         import baselines
         baselines.require_lightly(f"--baselines {','.join(args.baselines)}")
     state_path = out / "ablation.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else None
+    state = runs.read_json(state_path, "--out", "an ablate.py record (scale, settings with seeds and draws, runs)",
+                           is_state)
     if state and (state["scale"], state["settings"]["seeds"], state["settings"]["draws"]) != \
             (args.scale, cfg["seeds"], cfg["draws"]):
         raise ValueError(f"--out {out} holds a --scale {state['scale']} ablation with {state['settings']['seeds']} "
                          f"seeds x {state['settings']['draws']} draws: rerun it with those, or choose another --out")
-    state = state or dict(scale=args.scale, settings=cfg, runs=[])
-    state["command"] = ["python", "ablate.py", *(sys.argv[1:] if argv is None else argv)]
     root = Path(args.data_root or cfg["root"])
     if args.dry_run and not (root / "meta.json").exists():   # not generated yet: its split is known
         n_train = int(round(0.7 * cfg["phantom"][0]))
@@ -381,6 +396,13 @@ def main(argv=None):
         if args.data_root is None:
             data_prep.ensure_phantom(root, num_images=cfg["phantom"][0], size=cfg["phantom"][1], seed=0)
         n_train = len(data_prep.open_cache(root).rows("train"))
+    cfg["root"] = str(root)                                  # the data this ablation runs on, and its identity
+    cfg["data"] = None if args.dry_run and not (root / "meta.json").exists() else runs.data_identity(root)
+    if state and cfg["data"]:                                # a rerun continues on the same data only
+        runs.check_data("--data-root", root, state["settings"].get("data"), cfg["data"], f"the ablation in {out}")
+    state = state or dict(scale=args.scale, settings=cfg, runs=[])
+    state["settings"].setdefault("data", cfg["data"])        # a record from before identities: from now on
+    state["command"] = ["python", "ablate.py", *(sys.argv[1:] if argv is None else argv)]
     batch = int(cfg["pretrain"][cfg["pretrain"].index("--batch-size") + 1]) if "--batch-size" in cfg["pretrain"] \
         else adam.PRESETS["demo"]["batch_size"]
     max_spe = n_train // batch
@@ -416,21 +438,20 @@ def main(argv=None):
                 new = finetune_runs(v, s, spec, cfg, root, out)
             else:
                 new = [eve_run(v, s, spec, cfg, root, out)]
-        state["runs"] += new
-        write_atomic(state_path, lambda p: Path(p).write_text(json.dumps(state, indent=1, default=str)))
+        state["runs"] += [r | {"data": cfg["data"]} for r in new]
+        runs.write_json(state_path, state)
         print(f"[{j + 1}/{len(jobs)}] {kind} {v} seed {s}: {time.time() - t0:.0f}s "
               f"({(time.time() - t_start) / 60:.1f} min so far)", flush=True)
     stats = analyse(state["runs"], variants)
     state["stats"] = stats
-    write_atomic(state_path, lambda p: Path(p).write_text(json.dumps(state, indent=1, default=str)))
+    runs.write_json(state_path, state)
     text = write_md(out / "ablation.md", state, stats, variants)
     write_png(out / "ablation.png", state["runs"], stats, variants)
     print(text)
     return dict(out=str(out), stats=stats, table=text, runs=state["runs"])
 
 
-if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError, data_prep.DataError) as e:  # bad input: one clear line, no traceback
-        sys.exit(f"ablate.py: error: {e}")
+if __name__ == "__main__":  # bad input, a full disk, a busy --out, Ctrl-C or SIGTERM: one line, no traceback
+    runs.command_line("ablate.py", main, (OSError, ValueError, data_prep.DataError),
+                      note=lambda: f"{Path(get_args().out) / 'ablation.json'} keeps the finished runs: the same command "
+                                   f"goes on with the rest (an interrupted pretraining from its checkpoint)")

@@ -350,7 +350,8 @@ def main(argv=None):
     ctx = Context(args, device, rank, world, views, criterion)     # what the loaders and validate() share
     lr = args.lr * args.batch_size / 256                           # linear scaling rule
     start_stage, start_epoch, step, ckpt = runs.resume(args, student, teacher, bank, say)
-    run = runs.RunFolder(args, loss_record(criterion), rank == 0, ckpt)  # OUT: args.json, log, checkpoints
+    run = runs.RunFolder(args, loss_record(criterion), rank == 0, ckpt,  # OUT: args.json, log, checkpoints
+                         runs.data_identity(train_images.name, getattr(train_images, "files", None)))
     steps_per_epoch = min(len(train_images) // args.batch_size, args.steps_per_epoch or math.inf)
     total_steps = len(args.level_list) * args.epochs * steps_per_epoch
     mon = monitor.Monitor(args.threshold, steps_per_epoch)        # similarities on a few anchors, a few steps
@@ -360,6 +361,10 @@ def main(argv=None):
         f"t={args.threshold} m={args.momentum_ema}; views "
         + (f"on {device.type} (BatchViews)" if views else f"in {args.workers} CPU workers" if args.workers else
            "in this process"))
+    if args.queue_size > 4 * len(train_images):  # the bank's negatives should be keys of other images (§4)
+        say(f"WARNING: --queue-size {args.queue_size} is {args.queue_size / len(train_images):.0f}x the "
+            f"{len(train_images)} train images: the bank holds many earlier keys of each anchor's own image, "
+            f"contrasted as negatives; use a --queue-size below the number of train images, or more images")
     summary = {"out": str(out), "stages": [], "backbones": []}
     t_run, steps_run = time.time(), 0
 
@@ -394,7 +399,7 @@ def main(argv=None):
                     values = torch.stack([torch.stack([l.float(), p.float()]) for l, p in pending]).tolist()
                     for s, (loss_v, pruned_v) in zip(range(step - len(pending) + 1, step + 1), values):
                         if not math.isfinite(loss_v):                      # diverged: stop before writing anything
-                            raise runs.diverged("the loss", stage, level, epoch + 1, s, args)
+                            raise runs.diverged("the loss", stage, level, epoch + 1, i + 1 - (step - s), args)
                         loss_sum, pruned_sum = loss_sum + loss_v, pruned_sum + pruned_v
                         stage_log["losses"].append(loss_v)
                         run.step(s, loss=loss_v, pruned=pruned_v)
@@ -515,7 +520,8 @@ def parse_args(argv=None):
     g.add_argument("--epochs", type=n1, default=None, help="epochs per stage (paper: 200)")
     g.add_argument("--steps-per-epoch", type=n1, default=None,
                    help="cap on steps per epoch, for smoke runs (default: the whole train split)")
-    g.add_argument("--batch-size", type=n1, default=None, help="global batch over all processes (paper: 256)")
+    g.add_argument("--batch-size", type=runs.number(int, 2, why="BatchNorm trains on a batch's statistics"),
+                   default=None, help="global batch over all processes (paper: 256)")
     g.add_argument("--lr", type=real, default=None, help="learning rate for batch 256, scaled linearly (paper: 0.03)")
     g.add_argument("--wd", type=real, default=1e-4, help="weight decay")
     g.add_argument("--momentum", type=unit, default=0.9, help="SGD momentum")
@@ -523,8 +529,9 @@ def parse_args(argv=None):
                    help="validation batches per epoch (no teacher/bank update); 0 = off, default all")
     g = p.add_argument_group("run")
     g.add_argument("--device", type=runs.device, default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--out", default="runs/adam", help="run folder: checkpoint.pth, log.jsonl, backbones")
+    g.add_argument("--seed", type=runs.seed, default=0)
+    g.add_argument("--out", type=runs.out_folder, default="runs/adam",
+                   help="run folder: checkpoint.pth, log.jsonl, backbones")
     g.add_argument("--resume", default=None,
                    help="run folder to continue from; flags you pass again override the saved ones")
     g.add_argument("--overwrite", action="store_true", help="replace the run that --out holds (its files are deleted)")
@@ -741,12 +748,9 @@ def to_views(item, views, memory_format=torch.preserve_format):
 
 
 if __name__ == "__main__":
-    sys.modules.setdefault("adam", sys.modules["__main__"])  # `import adam` (gpu_views.py) gets this module
-    try:
-        main()
-    except (OSError, ValueError, DataError) as e:  # bad input, a full disk, a busy --out: one line, no traceback
-        # an error raised in a DataLoader worker arrives wrapped with its traceback: keep the last line
-        sys.exit(f"adam.py: error: {str(e).strip().splitlines()[-1]}")
+    try:  # bad input, a full disk, a busy --out, Ctrl-C or SIGTERM: one line, no traceback
+        runs.command_line("adam.py", main, (OSError, ValueError, DataError),
+                          note=lambda: runs.again(parse_args().out))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -28,7 +28,6 @@ functions take such a callable, so they can be tested with hand-made encoders of
 """
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -40,10 +39,14 @@ import torch.nn.functional as F
 import data_prep
 from adam import ARCHS, feature_map, imagenet_normalise
 from adam_cxr import probes  # the frozen-feature measures (landmarks, mask and label probes)
+from adam_cxr import runs
 from adam_cxr.runs import write_atomic
 from finetune import load_backbone  # every checkpoint form finetune.py accepts
 
 WHAT = ("locality", "compositionality", "correspondence", "frozen")
+MAX_PARTS = 64  # --parts: the smallest patch drawn (sample_patches) is 8 x 8 px, which splits into 64 parts of 1 px
+# Flags that do not change a measurement's numbers: a rerun into one --out may differ in these only.
+NOT_SETTINGS = ("init", "compare", "inits", "out", "device", "batch_size", "what", "data", "data_root")
 
 
 # ----------------------------------------------------------------------------- encoder and crops
@@ -174,6 +177,9 @@ def split_box(box, n, rng):
             parts += [(y, x, h, w // 2), (y, x + w // 2, h, w - w // 2)]
         else:
             parts += [(y, x, h // 2, w), (y + h // 2, x, h - h // 2, w)]
+    if any(h < 1 or w < 1 for _, _, h, w in parts):
+        raise ValueError(f"--parts {n}: a {box[2]}x{box[3]} px patch cannot be split into {n} parts of at least 1 px; "
+                         f"use fewer --parts or a larger --comp-min")
     return parts
 
 
@@ -312,9 +318,9 @@ def correspond(fa, fb, T, H, W, G, lm_a=None, lm_b=None):
     true = cell_of(apply_affine(T, cen), H, W, G)
     valid = true >= 0  # cells whose true match lies inside B
     cheb = np.maximum(np.abs(nn_ // G - true // G), np.abs(nn_ % G - true % G))
-    res = {"cells": int(valid.sum()),
-           "within_one_cell": float((cheb[valid] <= 1).mean()) if valid.any() else float("nan"),
-           "exact_cell": float((cheb[valid] == 0).mean()) if valid.any() else float("nan")}
+    res = {"cells": int(valid.sum()),  # None: undefined, no cell's true match lies inside B
+           "within_one_cell": float((cheb[valid] <= 1).mean()) if valid.any() else None,
+           "exact_cell": float((cheb[valid] == 0).mean()) if valid.any() else None}
     if lm_a is not None:
         lm_b = apply_affine(T, lm_a) if lm_b is None else lm_b
         a = cell_of(lm_a, H, W, G)
@@ -356,6 +362,8 @@ def read_landmark_csv(path, names_in_cache):
 
 
 def load_data(args):
+    if args.landmarks and not Path(args.landmarks).is_file():
+        raise FileNotFoundError(f"--landmarks {args.landmarks}: no such file")
     root = data_prep.dataset_root(args.data, args.data_root)
     cache = data_prep.open_dataset(args.data, args.data_root)  # as adam.py opens it; a missing phantom is generated
     rows = cache.rows(args.split)[:args.num_images]
@@ -447,7 +455,8 @@ def fig_matches(panels, path, threshold, max_lines):
             (xa, ya), (xb, yb) = cen[j], cen[m["nn"][j]]
             ax.plot([xa, xb + W], [ya, yb], lw=0.7,
                     color="lime" if m["ok"][j] else "red" if m["valid"][j] else "yellow")
-        ax.set_title(f"{name} | {case}: {num['within_one_cell']:.2f} within 1 cell, "
+        within = "undefined" if num["within_one_cell"] is None else f"{num['within_one_cell']:.2f}"
+        ax.set_title(f"{name} | {case}: {within} within 1 cell, "
                      f"{len(keep)} drawn >= {threshold}", fontsize=7)
         ax.axis("off")
     return save_fig(fig, path)
@@ -456,7 +465,9 @@ def fig_matches(panels, path, threshold, max_lines):
 # ----------------------------------------------------------------------------- main
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runs.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    n1, real = runs.number(int, 1), runs.number(float)  # argparse types: flags checked when parsed
+    frac = runs.number(float, 0, 1, low_open=True)
     g = p.add_argument_group("encoders")
     g.add_argument("--init", action="append", default=[],
                    help="encoder to measure, repeatable: random | adam:PATH | moco:PATH | torchvision:PATH "
@@ -465,17 +476,18 @@ def get_args(argv=None):
                    help="put all inits side by side in one figure per measurement (without it: a figure per "
                         "init); inits listed after it are added to --init's")
     g.add_argument("--arch", default="resnet50", choices=ARCHS, help="backbone the checkpoints were trained with")
-    g.add_argument("--img-size", type=int, default=224,
+    g.add_argument("--img-size", type=runs.number(int, 16), default=224,
                    help="encoder input side (paper: 224); 64 is enough for a CPU demo with resnet18")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--device", type=runs.device, default="auto", help="auto (cuda where torch sees a GPU, else "
+                   "cpu), cpu, cuda or cuda:N")
+    g.add_argument("--batch-size", type=n1, default=64)
     g = p.add_argument_group("data")
     g.add_argument("--data", default="phantom",
                    help="a dataset name (as adam.py's --data) or a data_prep.py cache folder; phantom is generated "
                         "when missing")
     g.add_argument("--data-root", default=None, help="where a named dataset lives (default data/<name>)")
-    g.add_argument("--split", default="test", help="which split's images to use (train/val/test)")
-    g.add_argument("--num-images", type=int, default=50,
+    g.add_argument("--split", default="test", choices=("train", "val", "test"), help="which split's images to use")
+    g.add_argument("--num-images", type=runs.number(int, 2), default=50,
                    help="first N images of the split; locality uses all, correspondence --corr-pairs of them")
     g.add_argument("--landmarks", default=None,
                    help="CSV name,landmark,x,y (cached-image pixels) for data without landmarks.npy")
@@ -484,47 +496,62 @@ def get_args(argv=None):
                         "or 'none'")
     g = p.add_argument_group("measurements")
     g.add_argument("--what", default=",".join(WHAT), help="comma list of " + ", ".join(WHAT))
-    g.add_argument("--seed", type=int, default=0, help="patch sampling, random init, t-SNE")
-    g.add_argument("--patch-frac", type=float, default=0.22,
+    g.add_argument("--seed", type=runs.seed, default=0, help="patch sampling, random init, t-SNE")
+    g.add_argument("--patch-frac", type=frac, default=0.22,
                    help="locality patch side / image side (paper: 224 px patches on 1024 px images)")
-    g.add_argument("--tsne-points", type=int, default=600,
+    g.add_argument("--tsne-points", type=runs.number(int, 3), default=600,
                    help="t-SNE figure draws at most this many patches (t-SNE is the slow part on a CPU)")
-    g.add_argument("--knn-k", type=int, default=5)
-    g.add_argument("--folds", type=int, default=5, help="group k-fold by image for the k-NN accuracy")
-    g.add_argument("--parts", default="2,3,4", help="compositionality split counts")
-    g.add_argument("--num-patches", type=int, default=50,
+    g.add_argument("--knn-k", type=n1, default=5, help="neighbours that vote in the k-NN landmark accuracy")
+    g.add_argument("--folds", type=runs.number(int, 2), default=5, help="group k-fold by image for the k-NN accuracy")
+    g.add_argument("--parts", default="2,3,4",
+                   help=f"compositionality split counts, each in 2..{MAX_PARTS} (an 8 px patch has 64 pixels)")
+    g.add_argument("--num-patches", type=n1, default=50,
                    help="compositionality patches per split count (the KDE needs ~50; more for tight numbers)")
-    g.add_argument("--comp-min", type=float, default=0.25, help="smallest whole patch side / image side")
-    g.add_argument("--comp-max", type=float, default=0.6, help="largest whole patch side / image side")
+    g.add_argument("--comp-min", type=frac, default=0.25, help="smallest whole patch side / image side")
+    g.add_argument("--comp-max", type=frac, default=0.6, help="largest whole patch side / image side")
     g.add_argument("--comp-mode", default="resize", choices=["resize", "pad"],
                    help="resize: each part resized on its own (paper); pad: parts kept in the whole's frame")
-    g.add_argument("--grid", type=int, default=8, help="correspondence grid is G x G cells")
+    g.add_argument("--grid", type=n1, default=8, help="correspondence grid is G x G cells")
     g.add_argument("--grid-mode", default="patch", choices=["patch", "map"],
                    help="patch: each cell (with context) embedded on its own, as the paper; map: last conv map")
-    g.add_argument("--context", type=float, default=2.0, help="patch mode: window side / cell side")
-    g.add_argument("--rotate", type=float, default=10.0, help="self-correspondence rotation, degrees")
-    g.add_argument("--scale", type=float, default=1.1, help="self-correspondence scale")
-    g.add_argument("--shift", type=float, nargs=2, default=(0.05, 0.03), help="shift, fractions of (W, H)")
-    g.add_argument("--corr-pairs", type=int, default=4, help="images used for correspondence numbers")
-    g.add_argument("--match-threshold", type=float, default=0.8, help="draw matches with cosine >= this")
-    g.add_argument("--max-lines", type=int, default=40, help="at most this many match lines per panel")
-    g.add_argument("--frozen-size", type=int, default=None,
+    g.add_argument("--context", type=runs.number(float, 1, 16), default=2.0,
+                   help="patch mode: window side / cell side (1 = the cell alone)")
+    g.add_argument("--rotate", type=real, default=10.0, help="self-correspondence rotation, degrees")
+    g.add_argument("--scale", type=runs.number(float, 0.1, 10), default=1.1, help="self-correspondence scale")
+    g.add_argument("--shift", type=runs.number(float, -1, 1), nargs=2, default=(0.05, 0.03),
+                   help="shift, fractions of (W, H)")
+    g.add_argument("--corr-pairs", type=n1, default=4, help="images used for correspondence numbers")
+    g.add_argument("--match-threshold", type=runs.number(float, -1, 1), default=0.8,
+                   help="draw matches with cosine >= this")
+    g.add_argument("--max-lines", type=runs.number(int, 0), default=40, help="at most this many match lines per panel")
+    g.add_argument("--frozen-size", type=runs.number(int, 32), default=None,
                    help="frozen measures: the side the whole images are fed at (default: the cache's side)")
-    g.add_argument("--draws", type=int, default=5, help="frozen measures: random choices of the 3 / 12 probe images")
+    g.add_argument("--draws", type=n1, default=5, help="frozen measures: random choices of the 3 / 12 probe images")
     g = p.add_argument_group("output")
-    g.add_argument("--out", default="runs/eve", help="folder for eve.json and the PNG figures")
+    g.add_argument("--out", type=runs.out_folder, default="runs/eve",
+                   help="folder for eve.json and the PNG figures; a rerun with the same data and settings adds its "
+                        "encoders to eve.json")
     args = p.parse_args(argv)
+    args.device = runs.resolve_device(args.device)
+    what = args.what
     args.what = [w.strip() for w in args.what.split(",") if w.strip()]
     bad = [w for w in args.what if w not in WHAT]
-    if bad:
-        p.error(f"--what: unknown {bad}, choose from {list(WHAT)}")
-    args.parts = [int(n) for n in args.parts.split(",")]
-    if any(n < 2 for n in args.parts):
-        p.error(f"--parts: split counts must be >= 2, got {args.parts}")
+    if bad or not args.what:
+        p.error(f"--what {what!r}: {f'unknown {bad}' if bad else 'names nothing'}, choose from {', '.join(WHAT)}")
+    try:
+        args.parts = [int(n) for n in args.parts.split(",")]
+    except ValueError:
+        p.error(f"--parts {args.parts!r}: expected a comma list of integers such as 2,3,4")
+    if any(not 2 <= n <= MAX_PARTS for n in args.parts):
+        p.error(f"--parts: split counts must be in 2..{MAX_PARTS} (an 8 px patch, the smallest drawn, has 64 pixels), "
+                f"got {args.parts}")
+    if args.comp_min > args.comp_max:
+        p.error(f"--comp-min {args.comp_min:g} is above --comp-max {args.comp_max:g}")
     args.inits = (args.init + (args.compare or [])) or ["random"]
     if "frozen" in args.what and "random" not in args.inits:   # the frozen table always shows random init
         args.inits.append("random")
     return args
+
 
 
 def init_name(init):
@@ -589,8 +616,7 @@ def measure_one(enc, args, imgs, lms, dicom, dev):
                                 args.grid)
             cases["dicom_self"] = [num]
             panels["self (RG1_UNCR.dcm)"] = (dicom, b, m, num)
-        res["correspondence"] = {k: {key: float(np.mean([v[key] for v in vs])) for key in vs[0]}
-                                 | {"images": len(vs)} for k, vs in cases.items() if vs}
+        res["correspondence"] = {k: mean_defined(vs) for k, vs in cases.items() if vs}
         res["correspondence"]["grid"] = (f"{args.grid}x{args.grid} cells, " + (
             f"each cell with a {args.context}x window embedded at {args.img_size}px (paper's grid of patches)"
             if args.grid_mode == "patch" else "layer4 map pooled/upsampled to the grid"))
@@ -625,12 +651,25 @@ def print_frozen(results):
         print(f"{k:<{w}} {cell(base, 10)} " + " ".join(cell(results[n]["frozen"].get(k), 14) for n in names))
 
 
+def mean_defined(numbers):
+    """The mean of each key over images where it is defined (not None), with the count; a key defined on no image is
+    None and said under "undefined" with its reason, never averaged in."""
+    out, why = {"images": len(numbers)}, {}
+    for key in numbers[0]:
+        vals = [v[key] for v in numbers if v[key] is not None]
+        out[key] = float(np.mean(vals)) if vals else None
+        if len(vals) < len(numbers):
+            why[key] = (f"defined on {len(vals)} of {len(numbers)} images: on the others no cell's true match lies "
+                        f"inside the second image (--rotate, --scale, --shift move it out)")
+    return out | ({"undefined": why} if why else {})
+
+
 def print_table(results):
     names = list(results)
     rows = []
     for name in names:
         for meas, d in results[name].items():
-            if meas in ("seconds", "frozen"):   # frozen: its own table (print_frozen)
+            if meas not in WHAT or meas == "frozen":  # seconds, the row's init, data and settings; frozen: print_frozen
                 continue
             for k, v in d.items():
                 if isinstance(v, dict):
@@ -648,11 +687,58 @@ def print_table(results):
                                       for n in names))
 
 
+def read_earlier(out, args, data, inits):
+    """OUT/eve.json of an earlier run, to which this run adds its encoders, or None. Refused, naming the flag: a file
+    of another shape, other data, another setting, or an encoder NAME measured earlier from another SPEC."""
+    path = out / "eve.json"
+    earlier = runs.read_json(path, "--out", "an eve.py output (its encoders' results, settings and data)",
+                             lambda e: all(isinstance(e[k], dict) for k in ("results", "settings", "figures", "data")))
+    if earlier is None:
+        return None
+    runs.check_data("--data-root" if args.data_root else "--data", args.data_root or args.data, earlier["data"], data,
+                    f"the measurements in {path}")
+    mine = settings_of(args)
+    for key, value in earlier["settings"].items():
+        if mine.get(key) != value:
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(f"{flag} {mine.get(key)}: {path} holds measurements with {flag} {value}: pass that to add "
+                             f"encoders to it, or pick another --out")
+    for name, spec in inits:
+        old = earlier["results"].get(name, {}).get("init")
+        if old not in (None, spec):
+            raise ValueError(f"--init {name}={spec}: {path} holds {name} measured from {old}; give this encoder "
+                             f"another NAME= or pick another --out")
+    return earlier
+
+
+def settings_of(args):
+    """The flags that change the numbers, as JSON holds them."""
+    return json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}))
+
+
+def figure_path(out, stem, tag, names, shown):
+    """OUT/<stem><tag>.png, unless an earlier run's figure of that name shows other encoders (shown: file name ->
+    encoders): then a name of its own, so that no figure of an earlier run is overwritten."""
+    path = out / f"{stem}{tag}.png"
+    if not set(shown.get(path.name, names)) <= set(names):
+        path = out / f"{stem}_{'_'.join(''.join(ch if ch.isalnum() else '_' for ch in n) for n in names)}.png"
+    return path
+
+
 def main(argv=None):
     args = get_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with runs.locked(args.out, "eve.py"):
+        return _main(args, Path(args.out))
+
+
+def _main(args, out):
     root, imgs, lms, lnames = load_data(args)
+    data = runs.data_identity(root)
+    inits = [init_name(init) for init in args.inits]
+    earlier = read_earlier(out, args, data, inits)
+    if "correspondence" in args.what and args.grid > min(imgs.shape[2:]):
+        raise ValueError(f"--grid {args.grid}: the {imgs.shape[2]}x{imgs.shape[3]} images cannot be cut into "
+                         f"{args.grid}x{args.grid} cells of at least 1 px")
     dicom = None
     if "correspondence" in args.what and args.dicom.lower() != "none":
         path = args.dicom
@@ -666,42 +752,49 @@ def main(argv=None):
     print(f"eve: {len(imgs)} {args.split} images {tuple(imgs.shape[1:])} from {root}, arch {args.arch}, "
           f"input {args.img_size}px, measuring {args.what} for {len(args.inits)} encoder(s)")
     results, extras = {}, {}
-    for init in args.inits:
-        name, spec = init_name(init)
+    for name, spec in inits:
         t0 = time.time()
         torch.manual_seed(args.seed)  # the random init is the same in every run
         enc = BackboneFeatures(load_backbone(spec, args.arch)).to(args.device).eval()
         results[name], extras[name] = measure_one(enc, args, imgs, lms, dicom, args.device)
         results[name]["seconds"]["total"] = round(time.time() - t0, 2)
+        results[name] |= {"init": spec, "data": data, "settings": settings_of(args)}
         print(f"  {name}: {results[name]['seconds']}")
     print_table(results)
     print_frozen(results)
     # --compare: one figure per measurement with every init side by side; else one set per init
     groups = [list(extras)] if args.compare is not None or len(extras) == 1 else [[n] for n in extras]
-    figures = {}
+    figures, shown = {}, (earlier or {}).get("figure_inits", {})
     for names in groups:
         ex = {n: extras[n] for n in names}
         tag = "" if len(groups) == 1 else "_" + "".join(ch if ch.isalnum() else "_" for ch in names[0])
+        path = lambda stem: figure_path(out, stem, tag, names, shown)
         if any("tsne" in e for e in ex.values()):
             figures["locality" + tag] = fig_tsne({n: e["tsne"] for n, e in ex.items() if "tsne" in e},
-                                                 out / f"eve_locality_tsne{tag}.png", lnames)
+                                                 path("eve_locality_tsne"), lnames)
         if any("cos" in e for e in ex.values()):
             figures["compositionality" + tag] = fig_kde({n: e["cos"] for n, e in ex.items() if "cos" in e},
-                                                        out / f"eve_compositionality_kde{tag}.png")
+                                                        path("eve_compositionality_kde"))
         if any("panels" in e for e in ex.values()):
             figures["correspondence" + tag] = fig_matches(
                 {(n, c): v for n, e in ex.items() for c, v in e.get("panels", {}).items()},
-                out / f"eve_correspondence{tag}.png", args.match_threshold, args.max_lines)
-    summary = {"args": {k: v for k, v in vars(args).items()}, "data_root": str(root),
-               "images": list(imgs.shape), "landmark_names": lnames, "results": results, "figures": figures}
-    write_atomic(out / "eve.json", lambda p: p.write_text(json.dumps(summary, indent=1, default=str)))
+                path("eve_correspondence"), args.match_threshold, args.max_lines)
+        shown |= {Path(figures[m + tag]).name: names for m in ("locality", "compositionality", "correspondence")
+                  if m + tag in figures}
+    # an earlier run's encoders and figures stay; this run's are added (an encoder measured again: its new numbers)
+    summary = earlier or {"results": {}, "figures": {}}
+    summary |= {"args": vars(args), "data": data, "settings": settings_of(args), "data_root": str(root),
+                "images": list(imgs.shape), "landmark_names": lnames, "figure_inits": shown}
+    for name, res in results.items():
+        summary["results"][name] = summary["results"].get(name, {}) | res
+    for key, file in figures.items():  # an earlier run's figure under the same key stays, named by its file
+        summary["figures"][key if summary["figures"].get(key) in (None, file) else Path(file).stem] = file
+    runs.write_json(out / "eve.json", summary)
     print(f"wrote {out / 'eve.json'} and {len(figures)} figure(s): {', '.join(figures.values())}")
-    summary["out"] = str(out)
-    return summary
+    return summary | {"out": str(out), "figures": figures}
 
 
-if __name__ == "__main__":
-    try:
-        main()
-    except (OSError, ValueError, data_prep.DataError) as e:  # bad input, a full disk: one clear line, no traceback
-        sys.exit(f"eve.py: error: {e}")
+if __name__ == "__main__":  # bad input, a full disk, a busy --out, Ctrl-C or SIGTERM: one line, no traceback
+    runs.command_line("eve.py", main, (OSError, ValueError, data_prep.DataError),
+                      note=lambda: f"nothing was written (eve.json is written when every encoder is measured): run the "
+                                   f"same command again")

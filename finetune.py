@@ -18,7 +18,9 @@ Starting points (--init, repeatable; "NAME=SPEC" gives a row its own name in the
     random            torchvision's default initialisation
 Every run writes one JSON record to OUT/results.json (a rerun skips the runs already there), a table
 OUT/results.md that reads like the paper's Table 1 (mean +- std over runs, 95% t-interval, paired t-test
-against the first --init on the same few-shot draws) and a plot OUT/results.png of metric vs shots.
+against the first --init on the same few-shot draws) and a plot OUT/results.png of metric vs shots. Each record
+carries its settings and the identity of its data (adam_cxr.runs.data_identity); OUT holds one dataset and one set
+of settings per task, and one starting point per --init name: a rerun that differs is refused, naming the flag.
 """
 import argparse
 import copy
@@ -26,7 +28,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from torchvision.transforms import v2
 
 import data_prep
 from adam import ARCHS, imagenet_normalise
+from adam_cxr import runs
 from adam_cxr.runs import backbone_file, first_nonfinite, load_checkpoint, write_atomic
 
 # -----------------------------------------------------------------------------
@@ -404,14 +406,24 @@ def dice_score(pred, target, pooled=False):
     return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
 
 
+def auc_undefined(y_true):
+    """{class: why} of the columns of an N x C 0/1 target matrix whose ROC AUC is undefined: all one value."""
+    y = np.asarray(y_true)
+    pos = y.sum(0)
+    return {c: "no positive image in the test split" if pos[c] == 0 else "no negative image in the test split"
+            for c in range(y.shape[1]) if pos[c] in (0, len(y))}
+
+
 def roc_auc(y_true, y_score):
-    """Per-class ROC AUC (nan where the test set holds only one value) and their mean over defined classes."""
+    """Per-class ROC AUC, None where it is undefined (the test set holds one value of the class), the mean over the
+    defined classes (None if none is), and {class: why} of the undefined ones: never a NaN averaged away."""
     from sklearn.metrics import roc_auc_score
     y_true, y_score = np.asarray(y_true), np.asarray(y_score)
-    per = [float(roc_auc_score(y_true[:, c], y_score[:, c])) if len(np.unique(y_true[:, c])) == 2 else math.nan
+    undefined = auc_undefined(y_true)
+    per = [None if c in undefined else float(roc_auc_score(y_true[:, c], y_score[:, c]))
            for c in range(y_true.shape[1])]
-    ok = [a for a in per if not math.isnan(a)]
-    return per, (float(np.mean(ok)) if ok else math.nan)
+    ok = [a for a in per if a is not None]
+    return per, (float(np.mean(ok)) if ok else None), undefined
 
 
 # -----------------------------------------------------------------------------
@@ -477,8 +489,39 @@ def _test(model, loader, task, device, label_names):
     probs, targets = torch.cat(probs).numpy(), torch.cat(targets)
     if spec["loss"] == "ce":  # one-vs-rest AUC per grade
         targets = F.one_hot(targets, len(label_names))
-    per, mean = roc_auc(targets.numpy(), probs)
-    return dict(metric="auc", value=100 * mean, per_class={n: a for n, a in zip(label_names, per)})
+    per, mean, undefined = roc_auc(targets.numpy(), probs)
+    if mean is None:  # checked before training (check_test_labels); a test split cannot change since
+        raise ValueError(f"{task}: the ROC AUC is undefined for every label of the test split")
+    return dict(metric="auc", value=100 * mean, per_class={n: a for n, a in zip(label_names, per)},
+                auc_undefined={label_names[c]: why for c, why in undefined.items()})
+
+
+def check_test_labels(cache, task):
+    """Before any training: the labels whose test AUC will be undefined ({name: why}, said at start and recorded);
+    every label undefined is refused, naming the cache: there would be no score to record."""
+    spec = TASKS[task]
+    if spec["kind"] != "cls":
+        return {}
+    ds = CacheDataset(cache, cache.rows("test"), task, 32, "val")
+    y = torch.stack([ds.target(i) for i in ds.rows])
+    y = F.one_hot(y, len(ds.labels)) if spec["loss"] == "ce" else y
+    why = {ds.labels[c]: w for c, w in auc_undefined(y.numpy()).items()}
+    listed = "; ".join(f"{n}: {w}" for n, w in why.items())
+    if len(why) == len(ds.labels):
+        raise ValueError(f"--task {task}: the ROC AUC is undefined for every label on the test split of {cache.root} "
+                         f"({listed}): the test split needs positive and negative images of a label")
+    if why:
+        print(f"note: the test AUC of {len(why)} of {len(ds.labels)} labels is undefined ({listed}); the mean AUC is "
+              f"over the other {len(ds.labels) - len(why)}, and each record lists them under auc_undefined",
+              flush=True)
+    return why
+
+
+def diverged(what, epoch, step, lr, args, where):
+    """The error that stops a fine-tune gone non-finite, before its test: no score is recorded for it."""
+    return runs.NonFinite(f"{where}{what} is not finite in epoch {epoch}, {step}: training diverged (usual causes: "
+                          f"--lr {lr:g} too high, broken images); no score is recorded for this run, the finished "
+                          f"runs in {Path(args.out) / 'results.json'} are kept")
 
 
 def run_one(args, cache, task, label, spec, shots, seed, log_prefix=""):
@@ -520,14 +563,19 @@ def run_one(args, cache, task, label, spec, shots, seed, log_prefix=""):
         if args.freeze:
             encoder_of(model).eval()
         train_loss, n = 0.0, 0
-        for x, y in train_loader:
+        for i, (x, y) in enumerate(train_loader):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = loss_fn(model(x), y)
+            if not math.isfinite(loss.item()):  # diverged: stop before the step, record nothing
+                raise diverged("the training loss", epoch, f"step {i + 1} of {len(train_loader)}", lr, args, log_prefix)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             train_loss, n = train_loss + loss.item() * len(x), n + len(x)
         val = _val_loss(model, val_loader, loss_fn, device)
+        bad_weight = first_nonfinite(model.state_dict())  # the epoch's last step can break a weight
+        if bad_weight or not math.isfinite(val):
+            raise diverged(bad_weight or "the validation loss", epoch, "its end", lr, args, log_prefix)
         if TASKS[task]["kind"] == "seg":  # the authors' cosine over --epochs, set after each epoch as their loop does
             for group in opt.param_groups:
                 group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / args.epochs))
@@ -545,10 +593,7 @@ def run_one(args, cache, task, label, spec, shots, seed, log_prefix=""):
               f"eta<={eta:.0f}s", flush=True)
         if bad > args.patience:  # the authors' rule: stop once more than --patience epochs brought no better loss
             break
-    if best_state is None:  # validation loss was never finite: test the last epoch, and say so
-        print(f"{log_prefix}warning: validation loss never finite; testing the last epoch", flush=True)
-        best_state = copy.deepcopy(model.state_dict())
-    model.load_state_dict(best_state)
+    model.load_state_dict(best_state)  # the first epoch's at least: every validation loss was finite
     test_ds = CacheDataset(cache, cache.rows("test"), task, args.img_size, "test")
     res = _test(model, mk(test_ds), task, device, labels)
     record = dict(init=label, init_spec=spec, task=task, shots=shots, run=None, seed=seed, **res,
@@ -600,6 +645,9 @@ def write_table(records, path):
         cols = [f"{s}-shot" if s else "all" for s in shots]
         head = "| Method | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols)
         lines += [f"## {task}: {metric} (%), mean ± std over runs", "", head]
+        undefined = {n: w for r in records if r["task"] == task for n, w in (r.get("auc_undefined") or {}).items()}
+        if undefined:  # said beside the numbers, never averaged away silently
+            lines[-1:-1] = [f"AUC undefined, so left out of the mean: {'; '.join(f'{n} ({w})' for n, w in undefined.items())}.", ""]
         stats = {i: {s: summarize(list(by[s].values())) for s in by} for i, by in inits.items()}
         for init, by in stats.items():
             lines.append(f"| {init} | " + " | ".join(
@@ -658,7 +706,8 @@ def write_plot(records, path):
 # -----------------------------------------------------------------------------
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runs.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    n0, n1 = runs.number(int, 0), runs.number(int, 1)  # argparse types: flags checked when parsed
     g = p.add_argument_group("task and data")
     g.add_argument("--task", required=True, help=f"downstream task: {', '.join(TASKS)}; or, on any cache given "
                    f"with --data-root, {GENERIC_TASKS}")
@@ -677,35 +726,41 @@ def get_args(argv=None):
     g = p.add_argument_group("few-shot and repetitions")
     g.add_argument("--shots", default=None, help="comma list such as 3,6,12,24: labelled training images drawn "
                    "from the train split (default: the whole train split)")
-    g.add_argument("--runs", type=int, default=1, help="repetitions with seeds seed, seed+1, ...: the draw and "
+    g.add_argument("--runs", type=n1, default=1, help="repetitions with seeds seed, seed+1, ...: the draw and "
                    "the training differ per run, and are the same for every --init (paired)")
-    g.add_argument("--seed", type=int, default=0, help="first seed; recorded in every result")
+    g.add_argument("--seed", type=runs.seed, default=0, help="first seed; recorded in every result")
     g = p.add_argument_group("optimisation (defaults: --preset)")
     g.add_argument("--preset", default="auto", choices=("auto", "cpu", "gpu"),
                    help="gpu = authors' recipe (resnet50, 224 px, batch 32, 200 epochs with early stopping, an epoch = "
                         "one pass); cpu = resnet18, 64 px, batch 8, 30 epochs of >= 10 batches; auto = cpu for phantom "
                         "tasks")
-    g.add_argument("--img-size", type=int, default=None, help="side in pixels (U-Net needs a multiple of 32)")
-    g.add_argument("--epochs", type=int, default=None, help="max epochs; early stopping usually ends sooner")
-    g.add_argument("--batch-size", type=int, default=None)
-    g.add_argument("--lr", type=float, default=None, help="Adam lr (default 2e-4 classification, 1e-3 segmentation)")
-    g.add_argument("--patience", type=int, default=None, help="stop when more than this many epochs in a row bring no "
+    g.add_argument("--img-size", type=runs.number(int, 16), default=None,
+                   help="side in pixels (U-Net needs a multiple of 32)")
+    g.add_argument("--epochs", type=n1, default=None, help="max epochs; early stopping usually ends sooner")
+    g.add_argument("--batch-size", type=runs.number(int, 2, why="BatchNorm trains on a batch's statistics"),
+                   default=None)
+    g.add_argument("--lr", type=runs.number(float, 0, 1e30, low_open=True), default=None,
+                   help="Adam lr (default 2e-4 classification, 1e-3 segmentation)")
+    g.add_argument("--patience", type=n0, default=None, help="stop when more than this many epochs in a row bring no "
                    "better validation loss (the authors' rule; default 10 classification, where ReduceLROnPlateau "
                    "halves lr after 5, and 20 segmentation, cosine lr)")
     g.add_argument("--decoder-channels", default=None,
                    help="U-Net decoder widths, 5 comma-separated ints (gpu preset: smp's 256,128,64,32,16)")
-    g.add_argument("--val-images", type=int, default=None, help="early-stop on the first N validation images "
+    g.add_argument("--val-images", type=n1, default=None, help="early-stop on the first N validation images "
                    "only (saves CPU time; default: all)")
-    g.add_argument("--min-iters", type=int, default=None, help="at least this many batches per epoch (few-shot sets "
+    g.add_argument("--min-iters", type=n0, default=None, help="at least this many batches per epoch (few-shot sets "
                    "are cycled), so a 3-shot epoch is not one step; 0 = one pass over the training images, as the "
                    "authors (gpu preset: 0, cpu preset: 10)")
     g = p.add_argument_group("system and output")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--workers", type=int, default=None, help="data loader workers (default 4 on GPU, 0 on CPU)")
-    g.add_argument("--out", default="runs/finetune", help="results.json / results.md / results.png go here")
+    g.add_argument("--device", type=runs.device, default="auto", help="auto (cuda where torch sees a GPU, else "
+                   "cpu), cpu, cuda or cuda:N")
+    g.add_argument("--workers", type=n0, default=None, help="data loader workers (default 4 on GPU, 0 on CPU)")
+    g.add_argument("--out", type=runs.out_folder, default="runs/finetune",
+                   help="results.json / results.md / results.png go here; a rerun adds the runs it lacks")
     g.add_argument("--save", default="best", choices=("best", "none"),
                    help="best: write each run's best-epoch weights to OUT/checkpoints/")
     args = p.parse_args(argv)
+    args.device = runs.resolve_device(args.device)
     try:
         resolve_task(args.task)
     except ValueError as e:
@@ -744,17 +799,54 @@ def _parse_init(s):
     return s, s
 
 
+RECORD_KEYS = ("task", "init", "shots", "seed", "metric", "value")
+
+
+def read_results(path):
+    """OUT/results.json as a list of records ([] when missing); a file of another shape is refused, not replaced."""
+    return runs.read_json(path, "--out", f"a finetune.py results file (a list of records with {', '.join(RECORD_KEYS)})",
+                          lambda r: isinstance(r, list) and all(isinstance(x, dict) and set(RECORD_KEYS) <= set(x)
+                                                                for x in r)) or []
+
+
+def check_rerun(records, args, data, inits, path):
+    """OUT holds one dataset and one set of settings per task, one starting point per --init name: a rerun that
+    differs is refused naming the flag (the table would mix them silently); one that agrees adds its runs."""
+    config, flags = _config(args), {"max_epochs": "--epochs"}
+    for r in records:
+        if r["task"] != args.task:
+            continue
+        runs.check_data("--data-root", args.data_root or TASKS[args.task]["root"], r.get("data"), data,
+                        f"the {args.task} runs in {path}")
+        for key in CONFIG_KEYS:
+            if key in r and r[key] != config[key]:
+                flag = flags.get(key, "--" + key.replace("_", "-"))
+                raise ValueError(f"{flag} {config[key]}: {path} holds {args.task} runs with {flag} {r[key]}, and one "
+                                 f"table mixes no settings: pass {flag} {r[key]} to add runs to it, or pick another "
+                                 f"--out")
+        spec = dict(inits).get(r["init"])
+        if spec is not None and r.get("init_spec", spec) != spec:
+            raise ValueError(f"--init {r['init']}={spec}: {path} holds {args.task} runs of {r['init']} from "
+                             f"{r['init_spec']}; give this starting point another NAME= or pick another --out")
+
+
 def main(argv=None):
     args = get_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with runs.locked(args.out, "finetune.py"):
+        return _main(args, Path(args.out))
+
+
+def _main(args, out):
     cache = open_task_cache(args.task, args.data_root)
+    data = runs.data_identity(cache.root)
     results_path = out / "results.json"
-    records = json.loads(results_path.read_text()) if results_path.exists() else []
+    records = read_results(results_path)
+    inits = [_parse_init(s) for s in args.init]
+    check_rerun(records, args, data, inits, results_path)
+    undefined = check_test_labels(cache, args.task)
     done = {_key(r) for r in records if all(k in r for k in CONFIG_KEYS)}
     config = _config(args)
     key_of = lambda label, shots, seed: _key(dict(task=args.task, init=label, shots=shots, seed=seed, **config))
-    inits = [_parse_init(s) for s in args.init]
     jobs = [(shots, run, label, spec) for shots in args.shots for run in range(args.runs) for label, spec in inits]
     t_start, n_done = time.time(), 0
     for j, (shots, run, label, spec) in enumerate(jobs):
@@ -765,14 +857,15 @@ def main(argv=None):
             continue
         prefix = f"[{j + 1}/{len(jobs)} {label} {args.task} {shots or 'all'}-shot seed {seed}] "
         r = run_one(args, cache, args.task, label, spec, shots, seed, log_prefix=prefix)
-        r["run"] = run
+        r["run"], r["data"] = run, data
         records.append(r)
         done.add(key)
-        write_atomic(results_path, lambda p: Path(p).write_text(json.dumps(records, indent=1)))
+        runs.write_json(results_path, records)
         n_done += 1
         left = sum(1 for sh, ru, la, _ in jobs[j + 1:] if key_of(la, sh, args.seed + ru) not in done)
         eta = (time.time() - t_start) / n_done * left
-        print(f"{prefix}{r['metric']} {r['value']:.2f}% after {r['epochs']} epochs (best {r['best_epoch']}) "
+        over = f" (mean over {len(cache.meta['label_names']) - len(undefined)} labels)" if undefined else ""
+        print(f"{prefix}{r['metric']} {r['value']:.2f}%{over} after {r['epochs']} epochs (best {r['best_epoch']}) "
               f"in {r['time_s']:.0f}s; {left} runs left, eta {eta:.0f}s", flush=True)
     mine = [r for r in records if r["task"] == args.task]
     table = write_table(records, out / "results.md") if records else ""
@@ -782,8 +875,7 @@ def main(argv=None):
     return dict(out=str(out), records=mine, table=table)
 
 
-if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (OSError, ValueError) as e:  # bad input, a full disk: one clear line, no traceback
-        sys.exit(f"finetune.py: error: {e}")
+if __name__ == "__main__":  # bad input, a full disk, a busy --out, Ctrl-C or SIGTERM: one line, no traceback
+    runs.command_line("finetune.py", main, (OSError, ValueError, data_prep.DataError),
+                      note=lambda: f"the finished runs are in {Path(get_args().out) / 'results.json'}; the same "
+                                   f"command goes on with the rest")

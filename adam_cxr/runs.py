@@ -12,21 +12,28 @@ and bench.py use too; the atomic writer, write_atomic, comes from adam_cxr/safe_
     OUT/curves.png                 loss, lr, pruning, similarities, alignment/uniformity (monitor.py), per stage end
     OUT/tb/                        TensorBoard scalars (--tensorboard)
     OUT/.lock                      held while a run writes OUT: a second run into OUT is refused at once
+    (args.json and the checkpoint also hold the identity of the training data, data_identity: a resume on other
+    data is refused)
 
 Nothing lost, nothing silently wrong: each file is written under a unique temporary name, fsynced and renamed into
 place (a full disk: "disk full while writing FILE", the previous file kept); an OUT that holds another run is
 refused unless the run continues it (--resume) or replaces it (--overwrite); a NaN or infinite loss or weight
 stops the run before it writes anything, naming where; a checkpoint with pickled code or non-finite tensors is
-refused by name. adam.py's flags are checked when parsed (the argparse types at the end) and, on --resume, against
-the saved run (check_resume).
+refused by name; SIGINT and SIGTERM end a run in one line, its temporary files removed, resumable (command_line).
+adam.py's flags are checked when parsed (the argparse types at the end) and, on --resume, against the saved run
+(check_resume) and its data (check_data). finetune.py, eve.py and ablate.py lock their folders, identify their data
+and end on an error or a signal with the same pieces.
 """
 import argparse
+import contextlib
+import hashlib
 import json
 import math
 import pickle
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -35,7 +42,32 @@ from pathlib import Path
 import torch
 
 from adam_cxr import monitor  # curves.png, and the monitor's fields among the TensorBoard scalars
-from adam_cxr.safe_files import FolderLock, write_atomic  # the writing shared with the dataset caches
+from adam_cxr.safe_files import DiskFull, FolderLock, disk_full_error, write_atomic  # shared with the caches
+
+
+def write_json(path, obj):
+    """obj as strict JSON, atomically: a NaN or infinite number is written as null, never as a bare NaN that other
+    JSON readers refuse (an undefined value is null, with its reason beside it where the writer knows one)."""
+    text = json.dumps(json_safe(obj), indent=1, allow_nan=False, default=str)
+    return write_atomic(path, lambda p: Path(p).write_text(text))
+
+
+def read_json(path, flag, shape, check):
+    """A JSON output this project wrote earlier into --out (results.json, eve.json, ablation.json), or None when
+    missing. One that does not parse, or fails check(obj), is refused naming the file and `shape` (what it should
+    hold), never overwritten: ValueError with the flag."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        obj = json.loads(path.read_text())
+        ok = check(obj)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{flag} {path.parent}: {path} is not {shape}; it is left as it is: move it away, or pick "
+                         f"another {flag}")
+    return obj
 
 
 def load_checkpoint(path, flag="--resume", keys=()):
@@ -84,11 +116,13 @@ class NonFinite(ValueError):
 
 
 def diverged(what, stage, level, epoch, step, args):
-    """The error that stops a diverged run: where, the usual causes, and what was kept."""
+    """The error that stops a diverged run: where (step: the step within the epoch, counted from 1; None = at the
+    end of the epoch), the usual causes, and what was kept."""
     out = Path(args.out)
     kept = (f"the last good checkpoint and exports in {out} are kept: continue from them with `--resume {out} --lr "
             f"{args.lr / 10:g}`" if (out / "checkpoint.pth").exists() else f"nothing was saved in {out}")
-    return NonFinite(f"{what} is not finite in stage {stage + 1} (level {level}), epoch {epoch}, step {step}: training "
+    at = f"step {step}" if step else "its end"
+    return NonFinite(f"{what} is not finite in stage {stage + 1} (level {level}), epoch {epoch}, {at}: training "
                      f"diverged. Usual causes: --lr {args.lr:g} too high, --temperature {args.temperature:g} too low, "
                      f"broken images; {kept}")
 
@@ -99,12 +133,11 @@ def check_finite(record, args, **state):
     validation loss alone does not stop it: it is logged as null and never taken as the best epoch."""
     bad = ("the epoch's loss" if not math.isfinite(record["loss"]) else None) or first_nonfinite(state)
     if bad:
-        raise diverged(bad, record["stage"], record["level"], record["epoch"], record["step"], args)
+        raise diverged(bad, record["stage"], record["level"], record["epoch"], None, args)
 
 
 def save_checkpoint(path, **state):
-    out = Path(path).parent                              # a full disk: say how the run continues once there is room
-    write_atomic(path, lambda p: torch.save(state, p), again=f"continue with `--resume {out}`")
+    write_atomic(path, lambda p: torch.save(state, p))
 
 
 def export_backbone(student, path):
@@ -162,6 +195,32 @@ def write_curves(run, threshold):
     fig = monitor.curves_figure(epoch_records(run), threshold)
     return None if fig is None else write_atomic(Path(run) / "curves.png",
                                                  lambda p: fig.savefig(p, format="png", dpi=90))
+
+
+def data_identity(root, files=None):
+    """What a result was computed on, recorded beside it and compared on every resume or rerun: the absolute path,
+    the number of images and a SHA-256 of the data's description - the bytes of meta.json for a data_prep.py cache
+    (its dataset, size, splits, labels), the image files' names and sizes for a plain folder (`files`). The one
+    identity of adam.py, finetune.py, eve.py and ablate.py."""
+    meta = Path(root) / "meta.json"
+    if files is None and meta.is_file():
+        text = meta.read_bytes()
+        return {"path": str(Path(root).resolve()), "images": int(json.loads(text)["count"]),
+                "sha256": hashlib.sha256(text).hexdigest()[:16]}
+    h = hashlib.sha256()
+    for f in sorted(os.path.relpath(f, root) for f in files or ()):
+        h.update(f"{f}\t{(Path(root) / f).stat().st_size}\n".encode())
+    return {"path": str(Path(root).resolve()), "images": len(files or ()), "sha256": h.hexdigest()[:16]}
+
+
+def check_data(flag, value, saved, now, where):
+    """Refuse to continue or extend `where` (a run, a results file) on other data than it was made on: another image
+    count or another description (data_identity). The same data moved to another path is the same data. saved None:
+    written before identities were recorded, nothing to compare."""
+    if saved and (saved.get("images"), saved.get("sha256")) != (now["images"], now["sha256"]):
+        raise ValueError(f"{flag} {value}: {now['path']} ({now['images']} images, sha256 {now['sha256']}) is not the "
+                         f"data of {where} ({saved['path']}, {saved['images']} images, sha256 {saved['sha256']}): pass "
+                         f"{flag} {saved['path']}, or pick another --out")
 
 
 def resume(args, student, teacher, bank, say):
@@ -222,14 +281,31 @@ def run_files(out, trained_only=False):
     return [out / n for n in names if (out / n).exists()] + sorted(out.glob("adam_*_level*.pth"))
 
 
+def lock_out(out, prog, flag="--out"):
+    """Lock the output folder of a run of `prog` (made when missing) for this process: a second process is refused at
+    once, naming the flag and the holder (safe_files.FolderLock). Every script's folder is locked with it."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return FolderLock(out / ".lock", f"{flag} {out} is in use by another {prog} run (pid {{pid}}): wait "
+                                f"for it to end, or pick another {flag}")
+
+
+@contextlib.contextmanager
+def locked(out, prog, flag="--out"):
+    """`with locked(OUT, "eve.py"):` holds lock_out's lock on OUT for the block, released however it ends."""
+    lock = lock_out(out, prog, flag)
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
 def claim(args):
     """Lock OUT for this run (another process writing it: refused at once) and refuse an OUT that holds another run
     unless this run continues it (--resume OUT) or replaces it (--overwrite: that run's files are deleted first).
     Returns the lock."""
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    lock = FolderLock(out / ".lock", f"--out {out} is in use by another adam.py run (pid {{pid}}): wait "
-                      f"for it to end, or pick another --out")
+    lock = lock_out(out, "adam.py")
     found = run_files(out, trained_only=True)
     if found and not (args.resume and Path(args.resume).resolve() == out.resolve()):
         if not args.overwrite:
@@ -240,6 +316,17 @@ def claim(args):
         for f in run_files(out):
             shutil.rmtree(f) if f.is_dir() else f.unlink()
     return lock
+
+
+def again(out):
+    """How to go on with the adam.py run in `out` after it stopped (a signal, a full disk): from its last checkpoint,
+    or, with none, start again (--overwrite where trained files would make the same command refuse OUT)."""
+    out = Path(out)
+    if (out / "checkpoint.pth").is_file():
+        return f"continue it with `python adam.py --resume {out}`"
+    if run_files(out, trained_only=True):
+        return f"it has no checkpoint yet: run the same command with --overwrite to start {out} again"
+    return "nothing trained was saved: run the same command again"
 
 
 def append_log(path, record):
@@ -254,16 +341,17 @@ def append_log(path, record):
                 lines.append(line)
         except (ValueError, KeyError, TypeError):  # a torn line (a file from an older version): dropped
             pass
-    lines.append(json.dumps(_json_safe(record), allow_nan=False))
+    lines.append(json.dumps(json_safe(record), allow_nan=False))
     write_atomic(path, lambda p: Path(p).write_text("".join(line + "\n" for line in lines)))
 
 
-def _json_safe(x):
+def json_safe(x):
+    """x with every NaN or infinite float (nested in dicts, lists, tuples) replaced by None: strict JSON."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    return [_json_safe(v) for v in x] if isinstance(x, (list, tuple)) else x
+        return {k: json_safe(v) for k, v in x.items()}
+    return [json_safe(v) for v in x] if isinstance(x, (list, tuple)) else x
 
 
 class RunFolder:
@@ -271,17 +359,22 @@ class RunFolder:
     starts, TensorBoard scalars per step, and after each epoch the log line, the stage's backbones and the
     checkpoint, once the epoch's losses and weights are known to be finite (every rank checks).
     loss: the loss path for args.json (adam.loss_record); ckpt: the checkpoint a resumed run continues from (it
-    carries the stage's best validation loss so far)."""
+    carries the stage's best validation loss so far). data: data_identity of the training images, saved in args.json
+    and the checkpoint; a resumed run on other data (a relative --data from another working directory, a regenerated
+    cache) is refused before anything is written."""
 
-    def __init__(self, args, loss, active=True, ckpt=None):
-        self.args, self.out, self.active = args, Path(args.out), active
+    def __init__(self, args, loss, active=True, ckpt=None, data=None):
+        self.args, self.out, self.active, self.data = args, Path(args.out), active, data
         self.tb, self.best = None, (ckpt or {}).get("best")  # best: {stage, level, epoch, val_loss} or None
         self.warned = set()                                  # collapse warnings already printed (monitor.py)
         self.lock = None
+        if ckpt is not None and data is not None:
+            flag = "--data-root" if args.data_root else "--data"
+            check_data(flag, args.data_root or args.data, ckpt.get("data"), data, f"the run in {args.resume}")
         if active:
             self.lock = claim(args)
             try:
-                write_args_json(self.out, args, loss)
+                write_args_json(self.out, args, loss, data)
                 self.tb = tensorboard_writer(args, self.out)
             except BaseException:
                 self.lock.release()
@@ -296,6 +389,14 @@ class RunFolder:
         check_finite(record, self.args, student=student.state_dict(), teacher=teacher.state_dict(), bank=bank.queue)
         if not self.active:
             return
+        try:
+            self._write_epoch(record, student, teacher, bank, optimizer, summary)
+        except DiskFull as e:  # say how this run goes on: --resume from the checkpoint kept
+            if not hasattr(e, "path"):
+                raise
+            raise disk_full_error(e.path, then=again(self.out)) from None
+
+    def _write_epoch(self, record, student, teacher, bank, optimizer, summary):
         args, out = self.args, self.out
         out.mkdir(parents=True, exist_ok=True)
         best = self.best if self.best and self.best["stage"] == record["stage"] else None
@@ -318,7 +419,7 @@ class RunFolder:
         save_checkpoint(out / "checkpoint.pth", args=dict(vars(args)), arch=args.arch, level=record["level"],
                         stage=record["stage"], epoch=record["epoch"], step=record["step"],
                         student=student.state_dict(), teacher=teacher.state_dict(), bank=bank.queue.cpu(),
-                        bank_ptr=bank.ptr, optimizer=optimizer.state_dict(), rng=rng, best=best)
+                        bank_ptr=bank.ptr, optimizer=optimizer.state_dict(), rng=rng, best=best, data=self.data)
         if record["epoch"] == args.epochs:                         # end of a stage, and of the run after the last
             write_curves(out, args.threshold)
         if self.tb:
@@ -334,11 +435,11 @@ class RunFolder:
             self.lock.release()
 
 
-def write_args_json(out, args, loss):
-    """OUT/args.json when a run starts: every setting, the versions of python, torch, torchvision, CUDA and the op,
-    the loss path (loss: {"loss": which function trains, "adam_ext": the op's build}, from adam.loss_record), the
-    git commit of this file's checkout (null outside one) and the command line. A resumed run keeps the earlier
-    starts under "previous_starts"."""
+def write_args_json(out, args, loss, data=None):
+    """OUT/args.json when a run starts: every setting, the identity of the data (data_identity), the versions of
+    python, torch, torchvision, CUDA and the op, the loss path (loss: {"loss": which function trains, "adam_ext": the
+    op's build}, from adam.loss_record), the git commit of this file's checkout (null outside one) and the command
+    line. A resumed run keeps the earlier starts under "previous_starts"."""
     def git(*cmd):
         try:
             r = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), *cmd], capture_output=True,
@@ -357,7 +458,7 @@ def write_args_json(out, args, loss):
     import numpy
     import torchvision
 
-    info = {"args": dict(vars(args)), "loss": loss["loss"],
+    info = {"args": dict(vars(args)), "data": data, "loss": loss["loss"],
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "torchvision": torchvision.__version__, "numpy": numpy.__version__,
                          "adam_ext": loss["adam_ext"], "cuda": torch.version.cuda},
@@ -380,7 +481,36 @@ def tensorboard_writer(args, out):
 
 
 # -----------------------------------------------------------------------------
-# adam.py's flags, checked when parsed: argparse types, so a degenerate setting ends in one line naming the flag
+# The end of every script: an error a user can fix, or a signal, as one line.
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt, so that the same clean-up runs: the
+    temporary file of a write in progress is removed (write_atomic), the folder's lock released."""
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def command_line(prog, main, errors, note=lambda: ""):
+    """Run a script's main() as its command: an error of `errors` (bad input, a full disk, a busy folder) ends in
+    "PROG: error: ..." (its last line: an error from a DataLoader worker arrives with the worker's traceback), exit
+    status 1; Ctrl-C (SIGINT) or SIGTERM in "PROG: interrupted by SIGINT; NOTE", exit status 128 + the signal's
+    number, no traceback. note(): what the script kept and how to go on, asked when the signal came."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        main()
+    except KeyboardInterrupt as e:
+        name = str(e) if isinstance(e, Interrupted) else "SIGINT"
+        signal.signal(signal.SIGINT, signal.SIG_IGN)               # a second Ctrl-C does not cut the message
+        print(f"{prog}: interrupted by {name}; {note()}", file=sys.stderr, flush=True)
+        sys.exit(128 + getattr(signal, name))
+    except errors as e:
+        sys.exit(f"{prog}: error: {(str(e).strip().splitlines() or [type(e).__name__])[-1]}")
+
+
+# -----------------------------------------------------------------------------
+# The scripts' flags, checked when parsed: argparse types, so a degenerate setting ends in one line naming the flag
 # before anything runs.
 
 class Parser(argparse.ArgumentParser):
@@ -390,11 +520,13 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def number(cast=int, low=None, high=None, low_open=False):
-    """An argparse type: `cast` of the text, finite, in [low, high] ((low, high] with low_open)."""
+def number(cast=int, low=None, high=None, low_open=False, why=""):
+    """An argparse type: `cast` of the text, finite, in [low, high] ((low, high] with low_open); `why` is said
+    with a refusal."""
+    g = str if cast is int else lambda x: f"{x:g}"
     what = ("an integer" if cast is int else "a number") + (
-        "" if low is None else f" {'>' if low_open else '>='} {low:g}" if high is None
-        else f" in {'(' if low_open else '['}{low:g}, {high:g}]")
+        "" if low is None else f" {'>' if low_open else '>='} {g(low)}" if high is None
+        else f" in {'(' if low_open else '['}{g(low)}, {g(high)}]") + (f" ({why})" if why else "")
 
     def parse(text):
         try:
@@ -420,19 +552,42 @@ def threshold(text):
 
 
 def levels(text):
-    """--levels: comma-separated levels 0..16 (kept as the text, as args.json and checkpoints hold it). Whether the
-    finest one fits the images and --img-size is checked when the data is open (adam.open_data)."""
+    """--levels: comma-separated levels 0..16, coarse to fine (kept as the text, as args.json and checkpoints hold
+    it): each stage starts from the one before (docs/METHOD.md §5), and a level listed twice would write its stage's
+    exports over the first's. Whether the finest one fits the images and --img-size is checked when the data is
+    open (adam.open_data)."""
     try:
-        ok = all(0 <= int(n) <= 16 for n in text.split(","))
+        n = [int(x) for x in text.split(",")]
+        ok = all(0 <= x <= 16 for x in n)
     except ValueError:
         ok = False
     if not ok:
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated levels 0..16, e.g. 0,2,4")
+    if any(a >= b for a, b in zip(n, n[1:])):
+        raise argparse.ArgumentTypeError(f"{text!r}: levels go coarse to fine, each once (e.g. "
+                                         f"{','.join(map(str, sorted(set(n))))}): a stage continues from the coarser "
+                                         f"one before it, and a repeated level would overwrite its exports")
     return text
 
 
+# --seed: numpy's and torch's generators take any value in this range; adam.py's sampler mixes it into a 64-bit seed.
+seed = number(int, 0, 2**32 - 1)
+
+
+def out_folder(text):
+    """--out: a folder (made when missing), not a file."""
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder: pick a folder for the outputs")
+    return text
+
+
+def resolve_device(text):
+    """--device auto -> cuda where torch sees a GPU, else cpu; other values (checked by `device`) as they are."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if text == "auto" else text
+
+
 def device(text):
-    """--device: auto, cpu, cuda or cuda:N, checked against the GPUs torch sees."""
+    """--device: auto, cpu, cuda or cuda:N, checked against the GPUs torch sees (every script's)."""
     m = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", text)
     if not m:
         raise argparse.ArgumentTypeError(f"{text!r}: use auto, cpu, cuda or cuda:N")

@@ -137,11 +137,18 @@ def write_atomic(path, write, again="run the same command again"):
         full = isinstance(e, Exception) and disk_full(e, path.parent)
         tmp.unlink(missing_ok=True)
         if full:
-            kept = "; the previous one is kept" if path.exists() else ""
-            raise DiskFull(f"disk full while writing {path}{kept}: free some space (or pick another folder), then "
-                           f"{again}") from None
+            raise disk_full_error(path, again) from None
         raise
     return str(path)
+
+
+def disk_full_error(path, then="run the same command again"):
+    """DiskFull naming the file that did not fit, whether its previous version is kept, and `then`: how to go on.
+    Its .path is the file, so a caller that knows better how to go on can say it (runs.RunFolder: --resume)."""
+    kept = "; the previous one is kept" if Path(path).exists() else ""
+    e = DiskFull(f"disk full while writing {path}{kept}: free some space (or pick another folder), then {then}")
+    e.path = path
+    return e
 
 
 # ----------------------------------------------------------------------------------------------------

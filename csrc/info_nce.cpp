@@ -8,8 +8,9 @@
 // For anchor i with query q_i, positive key k_i and bank rows b_j (queue, K x D):
 //   x0_i  = q_i.k_i / T                       positive logit, always kept
 //   s_ij  = q_i.b_j                           cosine to bank entry j
-//   keep j unless s_ij >= t                   (t = +inf: no pruning). Written as !(s >= t), not s < t,
-//                                             so a NaN score is kept and makes the loss NaN, as in adam.info_nce
+//   keep j unless s_ij >= t                   (t = +inf: no pruning, every entry kept). A NaN score is kept and
+//                                             makes the loss NaN, a kept +inf score makes it +inf, as in
+//                                             adam.info_nce (the rules of online_lse.h)
 //   lse_i = log( exp(x0_i) + sum_{kept j} exp(s_ij / T) )
 //   L_i   = lse_i - x0_i
 // and, for the backward (docs/METHOD.md §4, "Gradients"), the attention-like output
@@ -30,6 +31,7 @@
 // split-KV flash-decoding does. Extra memory: threads x B x Kc (score tiles) + nsplit x B x (D + 2)
 // (partial states), never B x K.
 #include "info_nce.h"
+#include "online_lse.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -92,7 +94,7 @@ void fwd_cpu_impl(const at::Tensor& qa, const at::Tensor& queue, const at::Tenso
           int64_t pruned = 0;
           for (int64_t j = 0; j < n; ++j) {  // mask (keep unless s >= t; NaN kept) and scale by 1/T
             const acc_t sij = row[j];
-            if (!(sij >= ta)) {
+            if (!lse::pruned(sij, ta)) {
               const acc_t x = sij / Ta;
               row[j] = x;
               mt = std::max(mt, x);
@@ -103,10 +105,9 @@ void fwd_cpu_impl(const at::Tensor& qa, const at::Tensor& queue, const at::Tenso
           }
           cnt[i] += pruned;
           const acc_t m_new = std::max(m[i], mt);
-          // Nothing kept so far: subtract 0 (the row is all -inf and exps to 0) to avoid inf - inf.
-          const acc_t sub = m_new == ninf ? acc_t(0) : m_new;
+          const acc_t sub = lse::shift(m_new);  // 0 where m_new is +-inf: no inf - inf
           for (int64_t j = 0; j < n; ++j) row[j] -= sub;
-          scale[i] = m[i] == ninf ? acc_t(0) : std::exp(m[i] - m_new);
+          scale[i] = lse::rescale(m[i], m_new);
           m[i] = m_new;
         }
         S.exp_();  // P tile: exp(x - m_new); ATen's vectorised exp
@@ -133,14 +134,14 @@ void fwd_cpu_impl(const at::Tensor& qa, const at::Tensor& queue, const at::Tenso
   acc_t* pbp = need_pb ? pb.data_ptr<acc_t>() : nullptr;
   at::parallel_for(0, B, 16, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      acc_t M = x0p[i];  // finite, so exp(m_s - M) below is never inf - inf
+      acc_t M = x0p[i];
       int64_t c = 0;
       for (int64_t s = 0; s < nsplit; ++s) {
         M = std::max(M, pm[s * B + i]);
         c += pc[s * B + i];
       }
-      acc_t L = std::exp(x0p[i] - M);
-      for (int64_t s = 0; s < nsplit; ++s) L += pl[s * B + i] * std::exp(pm[s * B + i] - M);
+      acc_t L = lse::rescale(x0p[i], M);  // M = +inf (a kept +inf score): L and lse are +inf, not NaN
+      for (int64_t s = 0; s < nsplit; ++s) L += pl[s * B + i] * lse::rescale(pm[s * B + i], M);
       lsep[i] = M + std::log(L);
       lossp[i] = lsep[i] - x0p[i];
       np[i] = c;
@@ -148,7 +149,7 @@ void fwd_cpu_impl(const at::Tensor& qa, const at::Tensor& queue, const at::Tenso
         acc_t* out = pbp + i * D;
         for (int64_t d = 0; d < D; ++d) out[d] = 0;
         for (int64_t s = 0; s < nsplit; ++s) {
-          const acc_t w = std::exp(pm[s * B + i] - M) / L;
+          const acc_t w = lse::rescale(pm[s * B + i], M) / L;
           const acc_t* a = pa + (s * B + i) * D;
           for (int64_t d = 0; d < D; ++d) out[d] += w * a[d];
         }

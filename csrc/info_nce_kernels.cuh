@@ -4,7 +4,9 @@
 // the reference on machines without a GPU (tests/test_cuda_emulated.py). That is why this file
 // uses only: threadIdx/blockIdx, __syncthreads, __syncwarp, __shfl_xor_sync, __ballot_sync,
 // __popc, __uint_as_float, float4/uint2/make_float4, expf/logf/fmax and the ADAM_DYNAMIC_SMEM
-// macro below (no cooperative groups, no intrinsics the emulator lacks).
+// macro below (no cooperative groups, no intrinsics the emulator lacks). The rules of the online
+// log-sum-exp for non-finite scores (pruning with t = +inf, the shift, the rescale) are those of
+// the CPU kernel, from online_lse.h.
 //
 // Two kernels compute the same partial states; one merge kernel finishes both.
 //
@@ -31,17 +33,14 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "online_lse.h"
+
 #ifndef ADAM_DYNAMIC_SMEM
 #define ADAM_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
 
 namespace adam_ext {
 namespace kernels {
-
-__device__ __forceinline__ float dexp(float x) { return expf(x); }
-__device__ __forceinline__ double dexp(double x) { return exp(x); }
-__device__ __forceinline__ float dlog(float x) { return logf(x); }
-__device__ __forceinline__ double dlog(double x) { return log(x); }
 
 template <typename T>
 __device__ __forceinline__ T warp_max(T v) {
@@ -128,13 +127,14 @@ __global__ void __launch_bounds__(simple::NT)
       const int r = warp + h * WARPS;
       const bool valid = lane < BN && jt + lane < j_end;
       const acc_t s = valid ? ss[r * BN + lane] : acc_t(0);
-      const bool kept = valid && !(s >= t);  // purposive pruning: drop iff s_ij >= t (NaN kept)
-      cnt[h] += __popc(__ballot_sync(0xffffffffu, valid && s >= t));
+      const bool drop = valid && lse::pruned(s, t);  // purposive pruning: drop iff s_ij >= t (NaN kept)
+      const bool kept = valid && !drop;
+      cnt[h] += __popc(__ballot_sync(0xffffffffu, drop));
       const acc_t x = kept ? s / T : ninf;
       const acc_t m_new = fmax(m_run[h], warp_max(x));
-      const acc_t sub = m_new == ninf ? acc_t(0) : m_new;  // nothing kept yet: avoid inf - inf
+      const acc_t sub = lse::shift(m_new);  // 0 where m_new is +-inf: no inf - inf
       const acc_t p = kept ? dexp(x - sub) : acc_t(0);
-      const acc_t scale = m_run[h] == ninf ? acc_t(0) : dexp(m_run[h] - m_new);
+      const acc_t scale = lse::rescale(m_run[h], m_new);
       l_run[h] = l_run[h] * scale + warp_sum(p);
       m_run[h] = m_new;
       if (need_pb) {
@@ -186,8 +186,8 @@ inline int min_blocks(int64_t D) { return D <= 128 ? 2 : 1; }  // what __launch_
 // One bank tile of one anchor's online log-sum-exp, shared by the tiled and tc kernels. The row's
 // scores s_ij are spread over LANES threads (lanes differing in their low log2(LANES) bits), N
 // per thread in x; valid[n] says whether x[n] is a real bank row. Applies the purposive pruner
-// (drop iff s_ij >= t, so a NaN score is kept and poisons the sum as in the reference;
-// docs/METHOD.md §4), counts what it prunes, turns x into p = exp(s_ij/T - m_new)
+// (drop iff s_ij >= t, none dropped for t = +inf; a NaN score is kept and poisons the sum as in the
+// reference, docs/METHOD.md §4), counts what it prunes, turns x into p = exp(s_ij/T - m_new)
 // (0 for pruned and padding), folds the tile into (m_run, l_run) and returns the factor
 // exp(m_old - m_new) by which the row's running sum of p b must be rescaled.
 template <int N, int LANES>
@@ -197,7 +197,7 @@ __device__ __forceinline__ float lse_tile(float (&x)[N], const bool (&valid)[N],
   float mx = ninf;
 #pragma unroll
   for (int n = 0; n < N; ++n) {
-    const bool kept = valid[n] && !(x[n] >= t);
+    const bool kept = valid[n] && !lse::pruned(x[n], t);
     cnt += (valid[n] && !kept) ? 1 : 0;
     x[n] = kept ? x[n] / T : ninf;
     mx = fmax(mx, x[n]);
@@ -205,7 +205,7 @@ __device__ __forceinline__ float lse_tile(float (&x)[N], const bool (&valid)[N],
 #pragma unroll
   for (int o = LANES / 2; o > 0; o >>= 1) mx = fmax(mx, __shfl_xor_sync(0xffffffffu, mx, o));
   const float m_new = fmax(m_run, mx);
-  const float sub = m_new == ninf ? 0.f : m_new;  // nothing kept yet: avoid inf - inf
+  const float sub = lse::shift(m_new);  // 0 where m_new is +-inf: no inf - inf
   float psum = 0.f;
 #pragma unroll
   for (int n = 0; n < N; ++n) {
@@ -214,7 +214,7 @@ __device__ __forceinline__ float lse_tile(float (&x)[N], const bool (&valid)[N],
   }
 #pragma unroll
   for (int o = LANES / 2; o > 0; o >>= 1) psum += __shfl_xor_sync(0xffffffffu, psum, o);
-  const float scale = m_run == ninf ? 0.f : expf(m_run - m_new);
+  const float scale = lse::rescale(m_run, m_new);
   l_run = l_run * scale + psum;
   m_run = m_new;
   return scale;
@@ -568,12 +568,12 @@ __global__ void __launch_bounds__(CT)
   __syncthreads();
   acc_t lpos = 0;
   for (int w = 0; w < CT / 32; ++w) lpos += red[w];
-  const acc_t x0 = lpos / T;  // positive logit, always kept, finite: exp(m_s - M) is never nan
+  const acc_t x0 = lpos / T;  // positive logit, always kept
 
   acc_t M = x0;
   for (int64_t s = 0; s < nsplit; ++s) M = fmax(M, part_m[s * B + i]);
-  acc_t L = dexp(x0 - M);
-  for (int64_t s = 0; s < nsplit; ++s) L += part_l[s * B + i] * dexp(part_m[s * B + i] - M);
+  acc_t L = lse::rescale(x0, M);  // M = +inf (a kept +inf score): L and lse are +inf, not NaN
+  for (int64_t s = 0; s < nsplit; ++s) L += part_l[s * B + i] * lse::rescale(part_m[s * B + i], M);
   if (tid == 0) {
     int64_t c = 0;
     for (int64_t s = 0; s < nsplit; ++s) c += part_cnt[s * B + i];
@@ -585,7 +585,7 @@ __global__ void __launch_bounds__(CT)
     for (int64_t d = tid; d < D; d += CT) {
       acc_t a = 0;
       for (int64_t s = 0; s < nsplit; ++s)
-        a += part_acc[(s * B + i) * D + d] * dexp(part_m[s * B + i] - M);
+        a += part_acc[(s * B + i) * D + d] * lse::rescale(part_m[s * B + i], M);
       pb[i * D + d] = a / L;
     }
   }

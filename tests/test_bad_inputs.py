@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+import ablate
 import adam
 import data_prep as dp
 import eve
@@ -28,8 +29,14 @@ from adam_cxr import runs, safe_files
 from helpers import ROOT, TINY_RUN, make_cxr14
 
 # What each script's `if __name__ == "__main__"` turns into one line (argparse errors exit by themselves).
-ONE_LINE = {adam: (OSError, ValueError, dp.DataError), finetune: (OSError, ValueError),
-            eve: (OSError, ValueError, dp.DataError)}
+ONE_LINE = {adam: (OSError, ValueError, dp.DataError), finetune: (OSError, ValueError, dp.DataError),
+            eve: (OSError, ValueError, dp.DataError), ablate: (OSError, ValueError, dp.DataError)}
+HUGE_SEED = str(2**70)
+FT = ["--task", "phantom-heart", "--arch", "resnet18", "--img-size", "32", "--epochs", "1", "--min-iters", "1",
+      "--val-images", "2", "--shots", "3", "--save", "none", "--device", "cpu"]   # the smallest fine-tune
+EVE = ["--arch", "resnet18", "--img-size", "16", "--num-images", "3", "--what", "compositionality", "--parts", "2",
+       "--num-patches", "3", "--device", "cpu"]                                 # the smallest Eve run
+ELSEWHERE = {"path": "/elsewhere/phantom", "images": 99, "sha256": "0" * 16}   # the identity of other data
 
 
 class Payload:
@@ -91,6 +98,37 @@ def d(tiny_adam_run, phantom_root, tmp_path_factory):
     shutil.copytree(w.semicolon, w.nocols)
     (w.nocols / "Data_Entry_2017.csv").write_text("Image,Labels\n00000001_000.png,No Finding\n")
     _data_prep_inputs(w)
+    w.file = base / "a_file"                             # --out pointing at a file
+    w.file.write_text("not a folder")
+    w.other = Path(dp.ensure_phantom(base / "other" / "phantom", num_images=40, size=64, seed=1))  # other data
+    w.nopos = base / "nopos"                             # a cache whose test split has no positive of any label
+    shutil.copytree(phantom_root, w.nopos)
+    index = (w.nopos / "index.csv").read_text().splitlines()
+    (w.nopos / "index.csv").write_text("\n".join(index[:1] + [re.sub(r",test,.*$", ",test,", line)
+                                                             for line in index[1:]]) + "\n")
+    w.json_shapes = base / "json_shapes"                 # outputs of another shape in each script's --out
+    for name, text in (("ft", "{\"not\": \"a list of records\"}"), ("eve", "[1, 2]"), ("abl", "{\"runs\": 3}")):
+        (w.json_shapes / name).mkdir(parents=True)
+        (w.json_shapes / name / {"ft": "results.json", "eve": "eve.json", "abl": "ablation.json"}[name]).write_text(text)
+    here = runs.data_identity(phantom_root)
+    config = finetune._config(finetune.get_args(FT))
+    record = dict(task="phantom-heart", init="random", init_spec="random", shots=3, seed=9, metric="dice", value=50.0,
+                  **config)
+    w.ft_rerun = base / "ft_rerun"                       # results.json of earlier runs a rerun must not mix with
+    for name, r in (("data", dict(record, data=ELSEWHERE)), ("lr", dict(record, data=here, lr=0.5)),
+                    ("init", dict(record, data=here, init="adam", init_spec="adam:/some/run"))):
+        (w.ft_rerun / name).mkdir(parents=True)
+        (w.ft_rerun / name / "results.json").write_text(json.dumps([r]))
+    earlier = dict(results={}, figures={}, settings=eve.settings_of(eve.get_args(EVE)), data=here)
+    w.eve_rerun = base / "eve_rerun"
+    for name, e in (("data", dict(earlier, data=ELSEWHERE)), ("img", dict(earlier, settings=dict(
+            earlier["settings"], img_size=64)))):
+        (w.eve_rerun / name).mkdir(parents=True)
+        (w.eve_rerun / name / "eve.json").write_text(json.dumps(e))
+    w.abl_rerun = base / "abl_rerun"                     # a smoke ablation recorded on other data
+    w.abl_rerun.mkdir()
+    (w.abl_rerun / "ablation.json").write_text(json.dumps(dict(scale="smoke", settings=dict(
+        seeds=2, draws=1, root=ELSEWHERE["path"], data=ELSEWHERE), runs=[])))
     return w
 
 
@@ -131,7 +169,18 @@ def _csv(d, table, *flags):
 ROWS = [
     # flags, checked when parsed
     ("batch-size-0", adam, lambda d: d.tiny + ["--batch-size", "0", "--out", str(d.out)],
-     r"argument --batch-size: '0' is not an integer >= 1", [], [""]),
+     r"argument --batch-size: '0' is not an integer >= 2", [], [""]),
+    ("batch-size-1", adam, lambda d: d.tiny + ["--batch-size", "1", "--out", str(d.out)],
+     r"argument --batch-size: '1' is not an integer >= 2 \(BatchNorm trains on a batch's statistics\)", [], [""]),
+    ("seed-2**70", adam, lambda d: d.tiny + ["--seed", HUGE_SEED, "--out", str(d.out)],
+     rf"argument --seed: '{HUGE_SEED}' is not an integer in \[0, 4294967295\]", [], [""]),
+    ("out-is-a-file", adam, lambda d: d.tiny + ["--out", str(d.file)],
+     r"argument --out: .*a_file is a file, not a folder", ["file"], []),
+    ("levels-fine-to-coarse", adam, lambda d: d.tiny + ["--levels", "4,2,0", "--out", str(d.out)],
+     r"argument --levels: '4,2,0': levels go coarse to fine, each once \(e.g. 0,2,4\)", [], [""]),
+    ("levels-repeated", adam, lambda d: d.tiny + ["--levels", "0,0", "--out", str(d.out)],
+     r"argument --levels: '0,0': levels go coarse to fine, each once .* a repeated level would overwrite its exports",
+     [], [""]),
     ("queue-size-0", adam, lambda d: d.tiny + ["--queue-size", "0", "--out", str(d.out)],
      r"argument --queue-size: '0' is not an integer >= 1", [], [""]),
     ("print-freq-0", adam, lambda d: d.tiny + ["--print-freq", "0", "--out", str(d.out)],
@@ -177,6 +226,9 @@ ROWS = [
      r"would run as code, so torch.load\(weights_only=True\) refused it", ["evil"], ["marker"]),
     ("resume-nan", adam, lambda d: ["--resume", str(d.nan_run)],
      r"checkpoint.pth: student.backbone.conv1.weight holds NaN or infinite values", ["nan_run"], []),
+    ("resume-other-data", adam, lambda d: ["--resume", str(d.run), "--data-root", str(d.other)],
+     r"--data-root .*other/phantom: .*other/phantom \(40 images, sha256 \w+\) is not the data of the run in .* \(.*, "
+     r"48 images, sha256 \w+\): pass --data-root .*phantom, or pick another --out", ["run"], []),
     # an --out that holds another run
     ("out-holds-a-run", adam, lambda d: d.tiny + ["--out", str(d.mid)],
      r"--out .*mid holds another run \(checkpoint.pth\): continue it with `--resume .*mid`, pick a new --out, or "
@@ -199,6 +251,43 @@ ROWS = [
                                                "resnet18", "--init", f"adam:{d.nan_run}", "--out", str(d.out)],
      r"--init: .*adam_resnet18_level2.pth: layer1.0.bn1.running_var holds NaN or infinite values", ["nan_run"],
      ["results.json"]),
+    # finetune.py: flags, divergence, undefined metrics, results of another shape or run
+    ("finetune-epochs-0", finetune, lambda d: FT + ["--data-root", str(d.phantom), "--epochs", "0", "--out", str(d.out)],
+     r"argument --epochs: '0' is not an integer >= 1", [], [""]),
+    ("finetune-device-cuda-without-gpu", finetune, lambda d: FT[:-2] + ["--device", "cuda", "--out", str(d.out)],
+     r"argument --device: cuda: torch sees no CUDA GPU", [], [""]),
+    ("finetune-device-tpu", finetune, lambda d: FT[:-2] + ["--device", "tpu", "--out", str(d.out)],
+     r"argument --device: 'tpu': use auto, cpu, cuda or cuda:N", [], [""]),
+    ("finetune-seed-2**70", finetune, lambda d: FT + ["--seed", HUGE_SEED, "--out", str(d.out)],
+     r"argument --seed: .* is not an integer in \[0, 4294967295\]", [], [""]),
+    ("finetune-batch-size-1", finetune, lambda d: FT + ["--batch-size", "1", "--out", str(d.out)],
+     r"argument --batch-size: '1' is not an integer >= 2 \(BatchNorm", [], [""]),
+    ("finetune-out-is-a-file", finetune, lambda d: FT + ["--out", str(d.file)],
+     r"argument --out: .*a_file is a file, not a folder", ["file"], []),
+    ("finetune-lr-1e30", finetune, lambda d: FT + ["--data-root", str(d.phantom), "--lr", "1e30", "--out", str(d.out)],
+     r"\[1/1 random phantom-heart 3-shot seed 0\] .* is not finite in epoch 1, .*: training diverged \(usual causes: "
+     r"--lr 1e\+30 too high, broken images\); no score is recorded for this run", [], ["results.json"]),
+    ("finetune-auc-undefined-everywhere", finetune, lambda d: [
+        "--task", "phantom-findings", "--data-root", str(d.nopos), "--arch", "resnet18", "--out", str(d.out)],
+     r"--task phantom-findings: the ROC AUC is undefined for every label on the test split of .*nopos \(nodule: no "
+     r"positive image in the test split; effusion: .*\): the test split needs positive and negative images", ["nopos"],
+     ["results.json"]),
+    ("finetune-results-of-another-shape", finetune, lambda d: FT + ["--data-root", str(d.phantom), "--out",
+                                                                    str(d.json_shapes / "ft")],
+     r"--out .*ft: .*results.json is not a finetune.py results file .*: move it away, or pick another --out",
+     ["json_shapes"], []),
+    ("finetune-rerun-other-data", finetune, lambda d: FT + ["--data-root", str(d.phantom), "--out",
+                                                            str(d.ft_rerun / "data")],
+     r"--data-root .*: .*phantom \(48 images, sha256 \w+\) is not the data of the phantom-heart runs in "
+     r".*results.json \(/elsewhere/phantom, 99 images", ["ft_rerun"], []),
+    ("finetune-rerun-other-settings", finetune, lambda d: FT + ["--data-root", str(d.phantom), "--out",
+                                                                str(d.ft_rerun / "lr")],
+     r"--lr 0.001: .*results.json holds phantom-heart runs with --lr 0.5, and one table mixes no settings: pass "
+     r"--lr 0.5 to add runs to it", ["ft_rerun"], []),
+    ("finetune-rerun-other-init", finetune, lambda d: FT + ["--data-root", str(d.phantom), "--init", "adam=random",
+                                                            "--out", str(d.ft_rerun / "init")],
+     r"--init adam=random: .*results.json holds phantom-heart runs of adam from adam:/some/run; give this starting "
+     r"point another NAME=", ["ft_rerun"], []),
     ("finetune-pickle-init", finetune, lambda d: ["--task", "phantom-heart", "--data-root", str(d.phantom), "--arch",
                                                   "resnet18", "--init", f"moco:{d.evil / 'checkpoint.pth'}",
                                                   "--out", str(d.out)],
@@ -207,6 +296,53 @@ ROWS = [
                                      "--data-root", str(d.phantom), "--num-images", "4", "--what", "compositionality",
                                      "--out", str(d.out)],
      r"layer1.0.bn1.running_var holds NaN or infinite values", ["nan_run"], ["eve.json"]),
+    # eve.py: flags, and an eve.json of another shape, data or settings
+    ("eve-parts-9999", eve, lambda d: EVE[:-2] + ["--parts", "9999", "--out", str(d.out)],
+     r"--parts: split counts must be in 2..64 \(an 8 px patch, the smallest drawn, has 64 pixels\), got \[9999\]",
+     [], [""]),
+    ("eve-context-0", eve, lambda d: EVE + ["--context", "0", "--out", str(d.out)],
+     r"argument --context: '0' is not a number in \[1, 16\]", [], [""]),
+    ("eve-device-cuda-without-gpu", eve, lambda d: EVE[:-2] + ["--device", "cuda", "--out", str(d.out)],
+     r"argument --device: cuda: torch sees no CUDA GPU", [], [""]),
+    ("eve-knn-k-0", eve, lambda d: EVE + ["--knn-k", "0", "--out", str(d.out)],
+     r"argument --knn-k: '0' is not an integer >= 1", [], [""]),
+    ("eve-knn-k-minus-1", eve, lambda d: EVE + ["--knn-k", "-1", "--out", str(d.out)],
+     r"argument --knn-k: '-1' is not an integer >= 1", [], [""]),
+    ("eve-patch-frac-0", eve, lambda d: EVE + ["--patch-frac", "0", "--out", str(d.out)],
+     r"argument --patch-frac: '0' is not a number in \(0, 1\]", [], [""]),
+    ("eve-what-comma", eve, lambda d: EVE + ["--what", ",", "--out", str(d.out)],
+     r"--what ',': names nothing, choose from locality, compositionality, correspondence", [], [""]),
+    ("eve-seed-2**70", eve, lambda d: EVE + ["--seed", HUGE_SEED, "--out", str(d.out)],
+     r"argument --seed: .* is not an integer in \[0, 4294967295\]", [], [""]),
+    ("eve-out-is-a-file", eve, lambda d: EVE + ["--out", str(d.file)],
+     r"argument --out: .*a_file is a file, not a folder", ["file"], []),
+    ("eve-grid-finer-than-pixels", eve, lambda d: EVE[:-6] + ["--what", "correspondence", "--grid", "100", "--dicom",
+                                                              "none", "--data-root", str(d.phantom), "--out", str(d.out)],
+     r"--grid 100: the 64x64 images cannot be cut into 100x100 cells of at least 1 px", [], ["eve.json"]),
+    ("eve-landmarks-missing", eve, lambda d: EVE + ["--data-root", str(d.phantom), "--landmarks", str(d.base / "no.csv"),
+                                                    "--out", str(d.out)],
+     r"--landmarks .*no.csv: no such file", [], ["eve.json"]),
+    ("eve-json-of-another-shape", eve, lambda d: EVE + ["--data-root", str(d.phantom), "--out",
+                                                        str(d.json_shapes / "eve")],
+     r"--out .*eve: .*eve.json is not an eve.py output", ["json_shapes"], []),
+    ("eve-rerun-other-data", eve, lambda d: EVE + ["--data-root", str(d.phantom), "--out", str(d.eve_rerun / "data")],
+     r"--data-root .*: .*phantom \(48 images, sha256 \w+\) is not the data of the measurements in .*eve.json",
+     ["eve_rerun"], []),
+    ("eve-rerun-other-settings", eve, lambda d: EVE + ["--data-root", str(d.phantom), "--out", str(d.eve_rerun / "img")],
+     r"--img-size 16: .*eve.json holds measurements with --img-size 64: pass that to add encoders to it",
+     ["eve_rerun"], []),
+    # ablate.py
+    ("ablate-out-is-a-file", ablate, lambda d: ["--out", str(d.file), "--scale", "smoke"],
+     r"argument --out: .*a_file is a file, not a folder", ["file"], []),
+    ("ablate-seeds-0", ablate, lambda d: ["--out", str(d.out), "--scale", "smoke", "--seeds", "0"],
+     r"argument --seeds: '0' is not an integer >= 1", [], [""]),
+    ("ablate-json-of-another-shape", ablate, lambda d: ["--out", str(d.json_shapes / "abl"), "--scale", "smoke",
+                                                       "--data-root", str(d.phantom)],
+     r"--out .*abl: .*ablation.json is not an ablate.py record", ["json_shapes"], []),
+    ("ablate-rerun-other-data-root", ablate, lambda d: ["--out", str(d.abl_rerun), "--scale", "smoke", "--data-root",
+                                                       str(d.phantom)],
+     r"--data-root .*phantom: .*\(48 images, sha256 \w+\) is not the data of the ablation in .*abl_rerun "
+     r"\(/elsewhere/phantom, 99 images", ["abl_rerun"], []),
     # data_prep: --force onto a folder that is not a cache, tables with other separators or columns, counts
     ("force-onto-a-non-cache", dp, lambda d: ["phantom", "--out", str(d.notcache), "--num-images", "4", "--size",
                                               "16", "--workers", "1", "--force"],
@@ -312,7 +448,7 @@ def one_line(script, argv, capsys):
 @pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
 def test_bad_input_is_one_line_and_loses_nothing(row, d, capsys):
     name, script, argv, message, unchanged, absent = row
-    if name == "device-cuda-without-gpu" and torch.cuda.is_available():
+    if name.endswith("device-cuda-without-gpu") and torch.cuda.is_available():
         pytest.skip("a GPU is visible")
     if name == "file-name-not-utf8" and d.badname is None:
         pytest.skip("this file system takes UTF-8 file names only")
@@ -326,7 +462,8 @@ def test_bad_input_is_one_line_and_loses_nothing(row, d, capsys):
 
 
 @pytest.mark.parametrize("name", ["batch-size-0", "resume-arch", "data-holds-a-cache", "csv-semicolons",
-                                  "finetune-nan-init"])
+                                  "finetune-nan-init", "finetune-epochs-0", "finetune-device-tpu", "eve-parts-9999",
+                                  "eve-context-0", "ablate-out-is-a-file", "ablate-json-of-another-shape"])
 @pytest.mark.slow
 def test_the_command_line_prints_that_one_line(name, d):
     """The same tries as real commands: exit status 1 or 2, the line on stderr, no traceback."""
@@ -346,14 +483,15 @@ def _strict_json_lines(path):
     return [json.loads(line, parse_constant=refuse) for line in Path(path).read_text().splitlines()]
 
 
-@pytest.mark.parametrize("steps,what", [(2, r"the loss is not finite in stage 2 \(level 2\), epoch 1, step 4"),
-                                        (1, r"student\.\S+ is not finite in stage 2 \(level 2\), epoch 1, step 2")])
+@pytest.mark.parametrize("steps,what", [(2, r"the loss is not finite in stage 2 \(level 2\), epoch 1, step 2"),
+                                        (1, r"student\.\S+ is not finite in stage 2 \(level 2\), epoch 1, its end")])
 @pytest.mark.slow
 def test_a_diverging_run_stops_and_keeps_its_last_good_files(steps, what, d, tmp_path):
     """A good level-0 stage, then a level-2 stage with --lr 1e30 --wd 1e30: one step makes weights infinite. With
     several steps per epoch the next loss is NaN; with one, the loss was still finite and the weights are caught at
-    the end of the epoch. Either way the run stops naming the place and the usual causes, the level-0 checkpoint and
-    export stay as they were, and log.jsonl stays strict JSON."""
+    the end of the epoch. Either way the run stops naming the place (the step counted within its epoch: the second
+    step of stage 2, not the run's fourth) and the usual causes, the level-0 checkpoint and export stay as they
+    were, and log.jsonl stays strict JSON."""
     out = tmp_path / "run"
     adam.main(d.tiny + ["--levels", "0", "--steps-per-epoch", str(steps), "--out", str(out)])
     before = snapshot(out / "checkpoint.pth", out / "adam_resnet18_level0.pth")
@@ -528,7 +666,8 @@ def test_adam_on_a_full_disk_keeps_the_previous_checkpoint(d, small_disk, tmp_pa
         monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(free=0))
     out = disk / "run"
     with pytest.raises(dp.DiskFull, match=rf"disk full while writing {re.escape(str(out / 'checkpoint.pth'))}; the "
-                                          rf"previous one is kept.*continue with `--resume {re.escape(str(out))}`"):
+                                          rf"previous one is kept: free some space \(or pick another folder\), then "
+                                          rf"continue it with `python adam.py --resume {re.escape(str(out))}`"):
         adam.main(d.tiny + ["--levels", "0", "--epochs", "2", "--steps-per-epoch", "1", "--out", str(out)])
     assert runs.load_checkpoint(out / "checkpoint.pth")["epoch"] == 1
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
@@ -707,3 +846,181 @@ def test_data_prep_syncs_every_file_before_the_cache_appears(tmp_path, monkeypat
     dp.main(["phantom", "--out", str(out), "--num-images", "4", "--size", "16", "--workers", "1"])
     synced = {name for kind, name in events[:events.index(("rename", "phantom"))] if kind == "fsync"}
     assert {p.name for p in out.rglob("*")} - {"meta.json"} <= synced and "meta.json.tmp" in synced
+
+
+# ---- the data a run was made on ----------------------------------------------------------------------------------
+
+def test_a_resume_from_another_folder_with_a_relative_data_is_refused(phantom_root, tmp_path, monkeypatch):
+    """`--data mydata` is relative: resumed from another working directory it names other data (there: 40 images,
+    not 48). The identity saved with the run (path, image count, meta.json's hash) refuses it, naming --data, before
+    anything is written; from the run's own folder the same command continues it."""
+    a, b, run = tmp_path / "a", tmp_path / "b", tmp_path / "run"
+    shutil.copytree(phantom_root, a / "mydata")
+    dp.ensure_phantom(b / "mydata", num_images=40, size=64, seed=1)
+    argv = [x if x != "phantom" else "mydata" for x in TINY_RUN] + ["--levels", "0", "--steps-per-epoch", "1",
+                                                                   "--out", str(run)]
+    monkeypatch.chdir(a)
+    adam.main(argv)
+    assert json.loads((run / "args.json").read_text())["data"] == runs.data_identity(a / "mydata")
+    monkeypatch.chdir(b)
+    before = snapshot(run)
+    with pytest.raises(ValueError, match=rf"--data mydata: {re.escape(str(b / 'mydata'))} \(40 images, sha256 \w+\) "
+                                         rf"is not the data of the run in {re.escape(str(run))} "
+                                         rf"\({re.escape(str(a / 'mydata'))}, 48 images"):
+        adam.main(["--resume", str(run), "--epochs", "2"])
+    assert snapshot(run) == before
+    monkeypatch.chdir(a)
+    adam.main(["--resume", str(run), "--epochs", "2"])
+    assert runs.load_checkpoint(run / "checkpoint.pth")["epoch"] == 2
+
+
+def test_a_bank_far_larger_than_the_train_split_is_warned(d, tmp_path, capsys):
+    """K far above the number of train images: the bank holds many earlier keys of each anchor's own image, which
+    the loss contrasts as negatives. Allowed (a demo may want it), said at start with the flag."""
+    adam.main(d.tiny + ["--queue-size", "1000", "--levels", "0", "--steps-per-epoch", "1", "--val-steps", "0",
+                        "--out", str(tmp_path / "run")])
+    assert re.search(r"WARNING: --queue-size 1000 is \d+x the \d+ train images: the bank holds many earlier keys of "
+                     r"each anchor's own image, contrasted as negatives", capsys.readouterr().out)
+
+
+# ---- signals ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def own_signals():
+    """runs.command_line installs a SIGTERM handler (and ignores SIGINT once interrupted): put pytest's back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+def test_a_signal_while_the_checkpoint_is_written_leaves_no_temporary_file(d, tmp_path, monkeypatch, capsys,
+                                                                           own_signals):
+    """SIGTERM while epoch 2's checkpoint sits complete under its hidden temporary name, not yet renamed: the run
+    ends in one line saying how to go on, the temporary file is removed, epoch 1's checkpoint stays and resumes."""
+    out, real_save = tmp_path / "run", torch.save
+
+    def save_then_terminated(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        if Path(f).name.startswith(".checkpoint.pth.") and obj["epoch"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(torch, "save", save_then_terminated)
+    argv = d.tiny + ["--levels", "0", "--epochs", "3", "--steps-per-epoch", "1", "--out", str(out)]
+    with pytest.raises(SystemExit) as e:
+        runs.command_line("adam.py", lambda: adam.main(argv), ONE_LINE[adam], note=lambda: runs.again(out))
+    assert e.value.code == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert err.endswith(f"\nadam.py: interrupted by SIGTERM; continue it with `python adam.py --resume {out}`\n")
+    assert "Traceback" not in err
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert runs.load_checkpoint(out / "checkpoint.pth")["epoch"] == 1
+    monkeypatch.setattr(torch, "save", real_save)
+    adam.main(["--resume", str(out)])
+    assert [r["epoch"] for r in _strict_json_lines(out / "log.jsonl")] == [1, 2, 3]
+
+
+def _start(script, argv, cwd):
+    return subprocess.Popen([sys.executable, str(ROOT / f"{script}.py"), *argv], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+@pytest.mark.parametrize("sig,group", [(signal.SIGINT, True), (signal.SIGTERM, False)])
+def test_a_signal_during_training_is_one_line_and_the_run_resumes(sig, group, d, tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, DataLoader workers included) or `kill` (SIGTERM to adam.py) while
+    it trains: one line, no traceback, exit status 128 + the signal, no temporary file and no lock left in OUT, and
+    `--resume OUT`, which the line names, continues the run."""
+    out = tmp_path / "run"
+    p = _start("adam", d.tiny + ["--levels", "0", "--epochs", "100", "--steps-per-epoch", "1", "--workers", "1",
+                                 "--val-steps", "0", "--out", str(out)], tmp_path)
+    deadline = time.time() + 240
+    while not (out / "checkpoint.pth").exists():
+        assert p.poll() is None and time.time() < deadline, p.communicate()[1][-3000:]
+        time.sleep(0.2)
+    time.sleep(1.0)                                     # well inside a later epoch, or writing its checkpoint
+    os.killpg(p.pid, sig) if group else p.send_signal(sig)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + sig and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == f"adam.py: interrupted by {sig.name}; continue it with `python adam.py " \
+                                           f"--resume {out}`", err[-3000:]
+    assert not [f.name for f in out.iterdir() if f.name.startswith(".")]
+    epoch = runs.load_checkpoint(out / "checkpoint.pth")["epoch"]
+    adam.main(["--resume", str(out), "--epochs", str(epoch + 1)])
+    assert [r["epoch"] for r in _strict_json_lines(out / "log.jsonl")] == list(range(1, epoch + 2))
+
+
+def test_a_signal_during_a_fine_tune_is_one_line_and_keeps_the_finished_runs(d, tmp_path):
+    """SIGTERM in the middle of a fine-tune: one line naming what is kept; results.json (one finished run of the
+    same settings) untouched, no lock left."""
+    out = tmp_path / "ft"
+    argv = FT + ["--data-root", str(d.phantom), "--epochs", "500", "--out", str(out)]
+    config = finetune._config(finetune.get_args(argv))
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps([dict(task="phantom-heart", init="random", init_spec="random",
+                                                       shots=3, seed=9, metric="dice", value=50.0, **config,
+                                                       data=runs.data_identity(d.phantom))]))
+    before = snapshot(out)
+    p = _start("finetune", argv, tmp_path)
+    for _ in range(50):
+        line = p.stdout.readline()
+        if not line or "epoch 1/500" in line:
+            break
+    assert "epoch 1/500" in line, p.communicate()[1][-3000:]
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == (f"finetune.py: interrupted by SIGTERM; the finished runs are in "
+                                            f"{out / 'results.json'}; the same command goes on with the rest")
+    assert snapshot(out) == before and not (out / ".lock").exists()
+
+
+# ---- the output folders of finetune.py, eve.py and ablate.py ---------------------------------------------------
+
+@pytest.mark.parametrize("script,argv", [(finetune, FT), (eve, EVE), (ablate, ["--scale", "smoke"])],
+                         ids=["finetune", "eve", "ablate"])
+def test_a_second_process_on_a_scripts_folder_is_refused_at_once(script, argv, d, tmp_path, holder):
+    out = tmp_path / "out"
+    out.mkdir()
+    pid = holder(out / ".lock")
+    name = script.__name__
+    with pytest.raises(BlockingIOError, match=rf"--out {re.escape(str(out))} is in use by another {name}.py run "
+                                              rf"\(pid {pid}\): wait for it to end, or pick another --out"):
+        script.main(argv + ["--data-root", str(d.phantom), "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+def test_finetune_runs_into_one_folder_add_up_with_their_identity(d, tmp_path):
+    """Two runs into one --out (other starting points, other seeds): both kept in results.json and the table, each
+    record with its settings and its data's identity."""
+    out = tmp_path / "ft"
+    argv = FT + ["--data-root", str(d.phantom), "--out", str(out)]
+    finetune.main(argv + ["--init", "a=random"])
+    finetune.main(argv + ["--init", "b=random", "--seed", "1"])
+    records = json.loads((out / "results.json").read_text())
+    assert sorted((r["init"], r["seed"]) for r in records) == [("a", 0), ("b", 1)]
+    assert all(r["data"] == runs.data_identity(d.phantom) and r["lr"] == 1e-3 and r["img_size"] == 32
+               for r in records)
+    assert "| a |" in (out / "results.md").read_text() and "| b |" in (out / "results.md").read_text()
+
+
+def test_eve_runs_into_one_folder_add_up_and_keep_their_figures(d, tmp_path):
+    """Two runs into one --out: eve.json holds both encoders, with their settings and data; the first run's figure
+    is kept (the second's gets a name of its own); an encoder NAME measured from another SPEC is refused."""
+    out = tmp_path / "eve"
+    argv = EVE + ["--data-root", str(d.phantom), "--out", str(out)]
+    first = eve.main(argv + ["--init", "r1=random"])
+    figure = Path(first["figures"]["compositionality"])
+    drawn = figure.read_bytes()
+    second = eve.main(argv + ["--init", "r2=random"])
+    saved = json.loads((out / "eve.json").read_text())
+    assert set(saved["results"]) == {"r1", "r2"} and saved["results"]["r1"]["init"] == "random"
+    assert saved["results"]["r1"]["compositionality"] == json.loads(json.dumps(first["results"]["r1"]))[
+        "compositionality"]
+    assert saved["results"]["r2"]["data"] == runs.data_identity(d.phantom)
+    assert figure.read_bytes() == drawn and Path(second["figures"]["compositionality"]) != figure
+    assert set(saved["figures"].values()) == {str(figure), second["figures"]["compositionality"]}
+    before = snapshot(out)
+    with pytest.raises(ValueError, match=r"--init r1=adam:.*: .*eve.json holds r1 measured from random; give this "
+                                         r"encoder another NAME="):
+        eve.main(argv + ["--init", f"r1=adam:{d.run}"])
+    assert snapshot(out) == before

@@ -163,6 +163,33 @@ def test_no_pb_path_and_same_bits_in_any_thread_order(emu, tmp_path, kernel):
     assert torch.equal(a["loss"], out["loss"]) and torch.equal(a["loss"], b["loss"]) and torch.equal(a["pb"], b["pb"])
 
 
+@pytest.mark.parametrize("kernel,dtype", [("simple", "f64"), ("simple", "f32"), ("tiled", "f32"), ("tc", "f32")])
+@pytest.mark.parametrize("t", [float("inf"), 0.8])
+@pytest.mark.parametrize("value", [-float("inf"), float("inf"), float("nan")])
+def test_non_finite_bank_elements_agree_with_the_reference(emu, tmp_path, kernel, dtype, t, value):
+    """As tests/test_fused_op.py on the CPU kernel: one element of three bank rows (in different splits: sms = 3)
+    is -inf, +inf or NaN; each anchor's loss is the reference's, +inf, NaN or finite alike (t = inf: nothing
+    pruned, a +inf score kept), and the pruned counts are the reference's rule (s >= t, t finite; NaN never)."""
+    q, k, bank, _ = make(40, 64, 1000, "planted", seed=43)
+    x = [v.to(DTYPES[dtype]) for v in (q, k, bank)]
+    assert (x[0][:, 0] > 0).any() and (x[0][:, 0] < 0).any()   # +inf scores for some anchors, -inf for others
+    x[2][[3, 500, 997], 0] = value
+    out = run_emu(emu, tmp_path, kernel, dtype, *x, t, sms=3)
+    q64, k64, b64 = (v.double() for v in x)
+    ref = torch.stack([adam.info_nce(q64[i:i + 1], k64[i:i + 1], b64, T, None if t == float("inf") else t)
+                       for i in range(q64.shape[0])])
+    assert torch.equal(torch.isnan(out["loss"]), torch.isnan(ref)), out["plan"]
+    assert torch.equal(torch.isposinf(out["loss"]), torch.isposinf(ref)), out["plan"]
+    fin = torch.isfinite(ref)
+    assert fin.any() or value != -float("inf")
+    if kernel == "tc":
+        assert (out["loss"][fin] - ref[fin]).abs().max() <= TC_LOSS_ATOL if fin.any() else True
+    else:
+        torch.testing.assert_close(out["loss"][fin], ref[fin], **TOL[dtype])
+    s = q64 @ b64.T
+    torch.testing.assert_close(out["n_pruned"], ((s >= t) & (t != float("inf"))).sum(1), rtol=0, atol=0)
+
+
 # Bugs the emulation must catch: (kernel, what is planted, line in info_nce_kernels.cuh, replacement).
 PLANTED_BUGS = [
     ("tiled", "a bank row per tile dropped from the scores",
@@ -196,6 +223,7 @@ def test_emulator_catches_a_planted_bug(emu, tmp_path_factory, tmp_path, kernel,
         (bad_dir / "csrc").mkdir(parents=True)
         (bad_dir / "tests" / "cuda_emu").mkdir(parents=True)
         (bad_dir / "csrc" / "info_nce_kernels.cuh").write_text(src.replace(needle, bug))
+        shutil.copy(os.path.join(HERE, "..", "csrc", "online_lse.h"), bad_dir / "csrc" / "online_lse.h")
         for f in ("emu.h", "info_nce_emu.cpp"):
             shutil.copy(os.path.join(HERE, "cuda_emu", f), bad_dir / "tests" / "cuda_emu" / f)
         exe = str(bad_dir / "bad_emu")

@@ -11,6 +11,7 @@ import torchvision
 
 import data_prep
 import finetune
+from adam_cxr import runs
 
 ARCH = "resnet18"
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny workloads run on one thread
@@ -159,13 +160,17 @@ def test_few_shot_draws_reproducible_and_disjoint(phantom_root):
 def test_auc_matches_hand_computed():
     y = np.array([[0, 1, 0, 0], [0, 0, 1, 0], [1, 1, 0, 0], [1, 0, 1, 0]])
     s = np.array([[0.1, 0.9, 0.5, 0.3], [0.4, 0.2, 0.5, 0.2], [0.35, 0.7, 0.1, 0.1], [0.8, 0.6, 0.9, 0.4]])
-    per, mean = finetune.roc_auc(y, s)
+    per, mean, undefined = finetune.roc_auc(y, s)
     # class 0: positives .35, .8 vs negatives .1, .4 -> 3 of 4 pairs ordered = 0.75
     # class 1: positives .9, .7 vs negatives .2, .6 -> 4 of 4 = 1.0
     # class 2: positives .5, .9 vs negatives .5, .1 -> 1 tie (counts 1/2) + 3 ordered = 0.875
-    # class 3: no positive -> undefined, left out of the mean
-    assert per[:3] == pytest.approx([0.75, 1.0, 0.875]) and math.isnan(per[3])
+    # class 3: no positive -> undefined (None, with its reason), left out of the mean
+    assert per[:3] == pytest.approx([0.75, 1.0, 0.875]) and per[3] is None
+    assert undefined == {3: "no positive image in the test split"}
     assert mean == pytest.approx((0.75 + 1.0 + 0.875) / 3)
+    y[:, 3] = 1                                                     # all positive: undefined too
+    assert finetune.roc_auc(y, s)[2] == {3: "no negative image in the test split"}
+    assert finetune.roc_auc(y[:, 3:], s[:, 3:])[:2] == ([None], None)  # nothing defined: no mean
 
 
 def test_dice_matches_hand_computed():
@@ -231,8 +236,19 @@ def test_linear_probe_on_phantom_findings(phantom_root, tmp_path, reference):
                              "--out", str(out)])
     (r,) = summary["records"]
     assert r["metric"] == "auc" and list(r["per_class"]) == data_prep.PHANTOM_LABELS
-    defined = [a for a in r["per_class"].values() if not math.isnan(a)]
+    defined = [a for a in r["per_class"].values() if a is not None]
     assert r["value"] == pytest.approx(100 * np.mean(defined))
+    # The tiny phantom's test split holds no cardiomegaly: its AUC is undefined, said with the reason in the record
+    # (null in strict JSON, never NaN), in the table and at start, and left out of the mean, not averaged as NaN.
+    test_labels = {label for i in data_prep.open_cache(phantom_root).rows("test")
+                   for label in data_prep.open_cache(phantom_root).index[i]["labels"]}
+    assert "cardiomegaly" not in test_labels and {"nodule", "effusion"} <= test_labels
+    assert r["auc_undefined"] == {"cardiomegaly": "no positive image in the test split"}
+    assert r["per_class"]["cardiomegaly"] is None and len(defined) == 2
+    saved = json.loads((out / "results.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
+    assert saved[0]["per_class"]["cardiomegaly"] is None and saved[0]["data"] == runs.data_identity(phantom_root)
+    assert "AUC undefined, so left out of the mean: cardiomegaly (no positive image in the test split)" in \
+        (out / "results.md").read_text()
     # --freeze: the encoder (BatchNorm statistics included) leaves training untouched
     (path,) = (out / "checkpoints").glob("*_phantom-findings_allshot_seed0.pth")
     state = torch.load(path, weights_only=True)["model"]

@@ -287,6 +287,38 @@ def test_nan_bank_row_propagates_like_the_reference(device, t):
     assert p1 == pytest.approx(p0, abs=1e-7) and p1 == pytest.approx(0.0 if t is None else 11 / (11 * 500))
 
 
+def per_anchor_reference(q, k, bank, T, t):
+    """adam.info_nce of each anchor alone: the reference's per-anchor loss (it returns the batch mean)."""
+    return torch.stack([adam.info_nce(q[i:i + 1], k[i:i + 1], bank, T, t) for i in range(q.shape[0])])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("t", [None, 0.8, -2.0])
+@pytest.mark.parametrize("value", [-math.inf, math.inf, math.nan])
+def test_non_finite_bank_elements_agree_with_the_reference(device, dtype, t, value):
+    """A bank element of -inf, +inf or NaN in three rows (one per chunk of the CPU kernel, so in different splits and
+    merged). Each anchor's score with such a row is +-inf (the sign of its q there) or NaN, and the op's loss per
+    anchor is the reference's: +inf where a +inf score is kept (t None keeps every entry: the op used to prune it as
+    if +inf were a threshold, and said a finite loss), finite where the score is -inf (exp adds 0) or pruned, NaN
+    where a NaN is kept. The pruned fraction matches, and so do the gradients: NaN wherever the bank holds a
+    non-finite element, in the reference too (its B x K product's backward multiplies 0 by inf)."""
+    B, D, K = 6, 64, 9000
+    q, k, bank = make(B, D, K, dtype=dtype, device=device, planted=B, seed=41)
+    assert (q[:, 0] > 0).any() and (q[:, 0] < 0).any()   # the bad rows give +inf to some anchors, -inf to others
+    bank[[100, 4500, 8990], 0] = value
+    ref = per_anchor_reference(q, k, bank, 0.2, t)
+    loss_i, _, n_pruned, _ = torch.ops.adam.info_nce_fwd(q, k, bank, 0.2, math.inf if t is None else t, False)
+    torch.testing.assert_close(loss_i, ref.to(loss_i.dtype), equal_nan=True, **TOL[dtype])
+    if value == math.inf and t is None:                  # the case the op got wrong: some +inf, some finite
+        assert torch.isinf(ref).any() and torch.isfinite(ref).any()
+    (l0, p0, dq0, dk0), (l1, p1, dq1, dk1) = both(q, k, bank, 0.2, t)
+    torch.testing.assert_close(l1, l0.to(l1.dtype), equal_nan=True, **TOL[dtype])
+    assert p1 == pytest.approx(p0, abs=1e-7) and int(n_pruned.sum()) == round(p0 * B * K)
+    torch.testing.assert_close(dq1, dq0, equal_nan=True, **GTOL[dtype])
+    torch.testing.assert_close(dk1, dk0, equal_nan=True, **GTOL[dtype])
+
+
 # Blocks that walk many bank tiles: at the real SM count (the benchmark's shape and a B that is not a
 # multiple of the 64-anchor tile; on a 132-SM GPU the tiled and tc blocks walk 8 and 3 tiles), and
 # with ADAM_INFO_NCE_CUDA_SMS=2 on a small bank (few blocks, dozens of tiles each, on any GPU). This

@@ -56,7 +56,6 @@ import data_prep
 import eve
 import finetune
 from adam_cxr import monitor, runs
-from finetune import paired_test, summarize
 from adam_cxr.runs import write_atomic
 from finetune import paired_test, summarize
 

@@ -24,7 +24,6 @@ Sections, in the order of the paper (Fig. 1):
 """
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
@@ -33,7 +32,6 @@ import torch.nn.functional as F
 
 import adam
 from adam_cxr import runs
-from data_prep import DataError
 
 # -----------------------------------------------------------------------------
 # 1. Configuration. Defaults: the authors' release (config.py, pattern_generator_3D.py) where it has a 2D reading,

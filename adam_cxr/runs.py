@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import pickle
 import platform
 import re

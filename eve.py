@@ -495,7 +495,8 @@ def get_args(argv=None):
                    help="radiograph for the self-correspondence demo: a path, a pydicom-data test file name, "
                         "or 'none'")
     g = p.add_argument_group("measurements")
-    g.add_argument("--what", default=",".join(WHAT), help="comma list of " + ", ".join(WHAT))
+    g.add_argument("--what", default=",".join(WHAT[:3]), help="comma list of " + ", ".join(WHAT) + " (default: the "
+                   "paper's three; frozen = the frozen-feature measures of docs/learning.md, random init added)")
     g.add_argument("--seed", type=runs.seed, default=0, help="patch sampling, random init, t-SNE")
     g.add_argument("--patch-frac", type=frac, default=0.22,
                    help="locality patch side / image side (paper: 224 px patches on 1024 px images)")

@@ -90,3 +90,15 @@ def test_measure_on_a_tiny_phantom_gives_every_headline_number(phantom_root):
     assert all(isinstance(v, (float, str)) for k, v in row.items() if k.startswith("auc_"))
     assert res["landmarks"]["errors"].shape == (5, len(cache.meta["landmark_names"]))
     assert probes.nolook_key("heart@3_dice") == "heart@3_nolook_dice"
+
+
+@pytest.mark.slow
+def test_eve_frozen_prints_the_table_beside_random_init_and_the_nolook(phantom_root, tmp_path, capsys):
+    import eve
+    s = eve.main(["--data", str(phantom_root), "--arch", "resnet18", "--img-size", "32", "--what", "frozen",
+                  "--frozen-size", "64", "--draws", "1", "--num-images", "6", "--out", str(tmp_path / "eve"),
+                  "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "frozen features" in out and "no look" in out
+    row = s["results"]["random"]["frozen"]               # random init is added when frozen is asked for
+    assert isinstance(row["landmark_median_px"], float) and isinstance(row["heart@3_dice"], float)

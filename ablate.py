@@ -2,7 +2,7 @@
 The paper's ablations as one command: what the Anatomy Decomposer (AD) and the Purposive Pruner (PP) buy.
 
     python ablate.py --out runs/ablation --scale cpu          # 2 CPU cores, about 90 min (README)
-    python ablate.py --out runs/ablation_gpu --scale gpu      # one GPU (README: command and estimated time)
+    python ablate.py --out runs/ablation_gpu --scale gpu      # one GPU (docs/ablation.md: command and estimated time)
     python ablate.py --out /tmp/ablation --scale smoke        # under 3 min on 2 cores: what the tests run
     python ablate.py --out runs/ablation --dry-run            # the plan (runs, step budgets), nothing trained
 

@@ -102,12 +102,12 @@ def collapse_warnings(record, warned):
         warned.add("pruned")
         lines.append(f"warning: the pruner removed {100 * pruned:.1f}% of the bank {where}: every negative is within "
                      f"t of its anchor, so the loss (~0) no longer pushes anchors apart and the embedding stays "
-                     f"collapsed; raise --threshold or prune only after level 0 (README: Ablations)")
+                     f"collapsed; raise --threshold or prune only after level 0 (docs/learning.md)")
     if unif is not None and math.isfinite(unif) and unif > COLLAPSED_UNIF and "unif" not in warned:
         warned.add("unif")
         lines.append(f"warning: uniformity {unif:.3f} {where}: the anchors of a batch map to nearly one point "
                      f"(a spread embedding scores well below -1); the loss then tells current keys from older "
-                     f"bank entries, not images apart (README: Ablations)")
+                     f"bank entries, not images apart (docs/learning.md)")
     return lines
 
 

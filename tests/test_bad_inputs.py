@@ -920,8 +920,11 @@ def test_a_signal_while_the_checkpoint_is_written_leaves_no_temporary_file(d, tm
 
 
 def _start(script, argv, cwd):
+    # SIGINT back to its default in the child: a suite started in the background (CI runners, `cmd &`) inherits it
+    # ignored, and Python then installs no Ctrl-C handler at all
     return subprocess.Popen([sys.executable, str(ROOT / f"{script}.py"), *argv], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 

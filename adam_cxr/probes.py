@@ -19,14 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the ImageNet normalisation of adam.imagenet_normalise
-
-
-def _normalise(x):
-    """B x 1 x H x W in [0, 1] -> B x 3 x H x W, as pretraining fed the encoder (docs/METHOD.md §3)."""
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
-    return (x.expand(-1, 3, -1, -1) - mean) / std
+from adam import imagenet_normalise as _normalise  # the one normalisation: as pretraining fed the encoder
 
 
 def _batches(images, size, batch_size, device):

@@ -562,6 +562,13 @@ def init_name(init):
     return (f"{kind}:{Path(path).name}" if path else kind), init
 
 
+def load_encoder(spec, arch, seed, device):
+    """The encoder of an --init SPEC (finetune.load_backbone forms), in eval mode on `device`. torch is seeded first,
+    so that a random init is the same in every run of one seed (ablate.py measures the same one)."""
+    torch.manual_seed(seed)
+    return BackboneFeatures(load_backbone(spec, arch)).to(device).eval()
+
+
 def measure_one(enc, args, imgs, lms, dicom, dev):
     """All requested measurements for one encoder -> (numbers, things the figures need)."""
     res, extra, sec, t0 = {}, {}, {}, time.time()
@@ -648,7 +655,7 @@ def print_frozen(results):
     print("frozen features (*_px: lower is better; the rest: higher)")
     print(f"{'measure':<{w}} {'no look':>10} " + " ".join(f"{n[:14]:>14}" for n in names))
     for k in keys:
-        base = 0.5 if k.startswith("auc_") else rows.get(probes.nolook_key(k))
+        base = probes.nolook(rows, k)
         print(f"{k:<{w}} {cell(base, 10)} " + " ".join(cell(results[n]["frozen"].get(k), 14) for n in names))
 
 
@@ -755,8 +762,7 @@ def _main(args, out):
     results, extras = {}, {}
     for name, spec in inits:
         t0 = time.time()
-        torch.manual_seed(args.seed)  # the random init is the same in every run
-        enc = BackboneFeatures(load_backbone(spec, args.arch)).to(args.device).eval()
+        enc = load_encoder(spec, args.arch, args.seed, args.device)
         results[name], extras[name] = measure_one(enc, args, imgs, lms, dicom, args.device)
         results[name]["seconds"]["total"] = round(time.time() - t0, 2)
         results[name] |= {"init": spec, "data": data, "settings": settings_of(args)}

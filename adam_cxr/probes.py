@@ -234,3 +234,17 @@ def nolook_key(key):
         if key.endswith(end):
             return key[:-len(end)] + "_nolook" + end
     return None
+
+
+def nolook(row, key):
+    """The no-look baseline's value of headline key `key` in `row`: 0.5 for an AUC (a score that ignores the image
+    ranks at chance), the row's own no-look number for the others that have one, else None."""
+    if key.startswith("auc_"):
+        return 0.5
+    return row.get(nolook_key(key))
+
+
+def lower_is_better(key):
+    """Whether a smaller value of a headline key is the better one: the pixel errors; for the shares within a
+    distance, Dice, AP and AUC higher is better."""
+    return key.endswith("_px")

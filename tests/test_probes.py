@@ -90,6 +90,8 @@ def test_measure_on_a_tiny_phantom_gives_every_headline_number(phantom_root):
     assert all(isinstance(v, (float, str)) for k, v in row.items() if k.startswith("auc_"))
     assert res["landmarks"]["errors"].shape == (5, len(cache.meta["landmark_names"]))
     assert probes.nolook_key("heart@3_dice") == "heart@3_nolook_dice"
+    assert probes.nolook(row, "heart@3_dice") == row["heart@3_nolook_dice"] and probes.nolook(row, "auc_nodule") == 0.5
+    assert probes.lower_is_better("landmark_mean_px") and not probes.lower_is_better("landmark_within16")
 
 
 @pytest.mark.slow

@@ -22,23 +22,32 @@ stages (each stage has its own cosine schedule, as in adam.py).
 
 Every encoder is then evaluated the same way, through the functions of the other scripts (no subprocess:
 adam.main, finetune.main and eve.main return their results):
+    frozen       the headline: the frozen-feature measures of adam_cxr/probes.py (docs/learning.md), as eve.py
+                 --what frozen takes them: one-shot landmark error, linear probes of the heart and clavicle masks
+                 from 3 and 12 images, label AUCs; one value per pretraining seed, the probe images drawn by that
+                 seed (the same for every variant), beside the no-look baseline probes.measure returns
     finetune.py  few-shot U-Net segmentation of the phantom heart and clavicles at 3 and 12 shots; each
                  pretraining seed s gets its own draws (finetune seeds s*draws ... s*draws + draws - 1), the
                  same for every variant, so every comparison is paired on (pretraining seed, draw)
     eve.py       landmark locality (k-NN accuracy), compositionality gap, dense correspondence
                  (self and pair, share of cells matched within one cell), one value per pretraining seed
-Outputs in OUT: ablation.json (every run, rewritten after each), ablation.md (mean +- std per variant; the
-paired difference to Adam with its 95% t-interval, the paired t-test p-value over seeds x draws, the same
-test on per-seed means, and the difference it could detect) and ablation.png. Each run's own folder and
-log live under OUT/pretrain, OUT/finetune, OUT/eve, OUT/logs. A rerun skips the runs ablation.json
-records and resumes an interrupted pretraining from its checkpoint; it must use the same scale, seeds, draws and
-data (ablation.json records the data's identity, adam_cxr.runs.data_identity), or is refused naming the flag.
+Outputs in OUT: ablation.json (every run, rewritten after each), ablation.md and ablation.png. ablation.md has first
+the frozen measures (mean +- std over seeds per variant, the no-look row, the paired difference to Adam and to random
+init over seeds), then the few-shot and Eve measures (mean +- std per variant, the paired difference to Adam with its
+95% t-interval, the paired t-test p-value over seeds x draws, the same test on per-seed means, and the difference it
+could detect), then each run's last epoch and the pruner's activity per level; ablation.png shows the few-shot and
+Eve differences. Each run's own folder and log live under OUT/pretrain, OUT/finetune, OUT/eve, OUT/logs. A rerun
+skips the runs ablation.json records (frozen measures included) and resumes an interrupted pretraining from its
+checkpoint; it must use the same scale, seeds, draws and data (ablation.json records the data's identity,
+adam_cxr.runs.data_identity), or is refused naming the flag. The frozen settings are recorded at the first run and
+kept by every rerun.
 """
 import argparse
 import contextlib
 import math
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -55,7 +64,7 @@ import adam
 import data_prep
 import eve
 import finetune
-from adam_cxr import monitor, runs
+from adam_cxr import monitor, probes, runs
 from adam_cxr.runs import write_atomic
 from finetune import paired_test, summarize
 
@@ -76,6 +85,8 @@ SHOTS = (3, 12)
 
 # Scales. pretrain: adam.py flags besides the variant's (the step budget is `steps`, split by plan());
 # finetune / eve: flags of those scripts for every encoder. `phantom`: (images, side) of the generated set.
+# frozen: probes.measure's settings for every encoder: the side the images are fed at, the first test images used
+# (fewer where the test split is smaller), the draws of the 3 / 12 probe images, and the device (default auto).
 SCALES = {
     # the test suite's: every piece runs, nothing is learnt; 2 seeds x 1 draw so that every paired test has n = 2
     "smoke": dict(
@@ -85,13 +96,15 @@ SCALES = {
         finetune=["--img-size", "32", "--epochs", "1", "--min-iters", "2", "--val-images", "4", "--device", "cpu"],
         eve=["--num-images", "6", "--num-patches", "4", "--parts", "2", "--tsne-points", "20", "--folds", "2",
              "--grid", "4", "--corr-pairs", "2", "--device", "cpu"],
+        frozen=dict(size=32, test_images=8, draws=1, device="cpu"),
         baselines=["--expander", "256"]),  # baselines.py flags besides the scale's adam.py ones
     # 2 CPU cores, about 90 min: the demo's pretraining (ResNet-18, 64 px views, batch 32, K 2048) for 300 steps
     "cpu": dict(
         root="data/phantom", phantom=(1000, 256), seeds=3, draws=2, steps=300, arch="resnet18", img_size=64,
         pretrain=["--print-freq", "1000"],
         finetune=["--epochs", "15", "--min-iters", "4", "--val-images", "32"],
-        eve=["--num-images", "30", "--num-patches", "30", "--tsne-points", "100"]),
+        eve=["--num-images", "30", "--num-patches", "30", "--tsne-points", "100"],
+        frozen=dict(size=128, test_images=100, draws=3)),  # make demo's size and draws (docs/learning.md)
     # one GPU: ResNet-50 at 128 px, 3000 steps of batch 128 on 5000 phantoms, views made on the GPU (CPU workers
     # could not feed it: BENCHMARKS.md), 5 seeds x 2 draws
     "gpu": dict(
@@ -101,7 +114,9 @@ SCALES = {
                   "--print-freq", "1000"],
         finetune=["--img-size", "128", "--epochs", "30", "--batch-size", "16", "--min-iters", "8",
                   "--val-images", "64", "--workers", "0"],  # finetune.py's workers restart every epoch
-        eve=["--num-images", "100", "--num-patches", "100", "--tsne-points", "300"]),
+        eve=["--num-images", "100", "--num-patches", "100", "--tsne-points", "300"],
+        # the cache's 256 px: at 128 px the clavicles are thinner than a stride-8 cell (docs/learning.md)
+        frozen=dict(size=256, test_images=200, draws=5)),
 }
 
 
@@ -182,6 +197,21 @@ def eve_run(key, seed, spec, cfg, root, out):
                 corr_self=pct(corr["self"]["within_one_cell"]), corr_pair=pct(corr["pair"]["within_one_cell"]), raw=res)
 
 
+def frozen_run(key, seed, spec, cfg, root):
+    """The frozen-feature measures on one encoder, as eve.py --what frozen takes them -> record of probes.headline's
+    numbers. The encoder is loaded and seeded by eve.load_encoder (a random init is eve's of the same seed); the probe
+    images are drawn by the pretraining seed, so every variant of one seed is probed on the same ones."""
+    fz, t0 = cfg["frozen"], time.time()
+    device = runs.resolve_device(fz.get("device", "auto"))
+    cache = data_prep.open_cache(root)
+    enc = eve.load_encoder(spec, cfg["arch"], seed, device)
+    res = probes.measure(enc.backbone, cache, fz["size"], draws=fz["draws"], test_images=fz["test_images"],
+                         seed=seed, device=device)
+    return dict(kind="frozen", variant=key, seed=seed, wall_s=round(time.time() - t0, 1), size=fz["size"],
+                draws=fz["draws"], test_images=len(cache.rows("test")[:fz["test_images"]]),
+                measures=probes.headline(res))
+
+
 # ----------------------------------------------------------------------------- statistics and reports
 
 def metrics():
@@ -193,15 +223,38 @@ def metrics():
                    ("corr_pair", "correspondence pair %", "eve", None)]
 
 
+def frozen_metrics(records):
+    """(key, title, "frozen", None) of every headline measure the frozen records hold, in probes.headline's order;
+    the no-look keys are the baseline's, not columns of their own."""
+    keys = dict.fromkeys(k for r in records if r["kind"] == "frozen" for k in r["measures"] if "nolook" not in k)
+    title = lambda k: re.sub(r"within(\d+)", r"share within \1 px", k).replace("_", " ")
+    return [(k, title(k), "frozen", None) for k in keys]
+
+
 def values(records, variant, col):
-    """{(pretraining seed, draw): value} of one variant and column; eve has one unit per seed (draw None)."""
+    """{(pretraining seed, draw): value} of one variant and column; eve and frozen have one unit per seed (draw
+    None)."""
     key, _, kind, select = col
     out = {}
     for r in records:
         if r["kind"] == kind and r["variant"] == variant and (select is None or select(r)):
-            value = r["value"] if kind == "finetune" else r[key]
-            if value is not None:  # undefined (eve.json says why): no unit of the comparison
+            value = r["value"] if kind == "finetune" else r["measures"].get(key) if kind == "frozen" else r[key]
+            if isinstance(value, (int, float)):  # None or an AUC's "undefined: ..." (its record says why): no unit
                 out[(r["seed"], r.get("draw"))] = value
+    return out
+
+
+def nolook(records, cols):
+    """{key: mean/std over pretraining seeds} of the no-look baseline of each frozen column (probes.nolook). It
+    ignores the image, so every encoder of one seed has the same: it is read from the first record of each seed."""
+    rows = {}
+    for r in records:
+        if r["kind"] == "frozen":
+            rows.setdefault(r["seed"], r["measures"])
+    out = {}
+    for key, *_ in cols:
+        vals = [v for v in (probes.nolook(m, key) for m in rows.values()) if isinstance(v, (int, float))]
+        out[key] = summarize(vals) if vals else None
     return out
 
 
@@ -224,17 +277,18 @@ def paired(a, b):
                 p_seed=ts["p"], mde=float(mde))
 
 
-def analyse(records, variants):
-    """{column key: {variant: {"summary": mean/std/ci, "vs_adam": paired(...)}}}."""
+def analyse(records, variants, cols=None, refs=("adam",)):
+    """{column key: {variant: {"summary": mean/std/ci, "vs_<ref>": paired(variant, ref) for each ref}}} over the
+    columns `cols` (default: the few-shot and Eve ones, metrics()); a variant is not compared with itself."""
     out = {}
-    for col in metrics():
-        ref = values(records, "adam", col)
+    for col in metrics() if cols is None else cols:
+        ref = {r: values(records, r, col) for r in refs}
         out[col[0]] = {}
         for v in variants:
             vals = values(records, v, col)
             if vals:
                 out[col[0]][v] = dict(summary=summarize(list(vals.values())),
-                                      vs_adam=None if v == "adam" else paired(vals, ref))
+                                      **{f"vs_{r}": None if v == r else paired(vals, ref[r]) for r in refs})
     return out
 
 
@@ -242,34 +296,99 @@ def fmt(x, d=2):
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{d}f}"
 
 
-def write_md(path, state, stats, variants):
-    cols, name = metrics(), lambda v: {**VARIANTS, **LADDER, **BASELINES}[v][0]
+def name(v):
+    """A variant's name in tables."""
+    return {**VARIANTS, **LADDER, **BASELINES}[v][0]
+
+
+def frozen_lines(records, frozen, variants):
+    """The headline tables: the frozen measures per variant beside the no-look row, and the paired difference of
+    each variant to Adam and to random init over pretraining seeds. frozen: analyse(...) of frozen_metrics() with
+    refs adam and random, and "nolook": nolook(...)."""
+    stats = frozen["variants"]
+    measured = frozen_metrics(records)
+    cols = [c for c in measured if stats[c[0]]]       # a measure undefined for every encoder: said, not tabled
+    if not cols:
+        return ["## Frozen features (headline)", "", "No encoder measured yet."]
+    dec = lambda k: 2 if probes.lower_is_better(k) else 3
+    better = lambda k: "lower" if probes.lower_is_better(k) else "higher"
+    arrow = lambda k: "↓" if probes.lower_is_better(k) else "↑"
+    done = [r for r in records if r["kind"] == "frozen"]
+    each = lambda k: "/".join(sorted({str(r[k]) for r in done}))    # one value, unless settings changed midway
+    lines = ["## Frozen features (headline)", "",
+             f"adam_cxr/probes.py on each frozen encoder, as `eve.py --what frozen` (docs/learning.md): images fed at "
+             f"{each('size')} px, the first {each('test_images')} test images, {each('draws')} draw(s) of the 3 and 12 "
+             f"probe images per pretraining seed. Mean ± std over pretraining seeds (n). ↓ lower is better (pixel "
+             f"errors, in pixels of the cache's images), ↑ higher is better. No look ignores the image: each landmark "
+             f"at its pixel in the other image, the mean training mask, AUC 0.5."]
+    if len(cols) < len(measured):
+        lines.append(f"Undefined for every encoder (ablation.json says why): "
+                     f"{', '.join(c[1] for c in measured if c not in cols)}.")
+    lines += ["", "| variant | n | " + " | ".join(f"{c[1]} {arrow(c[0])}" for c in cols) + " |",
+              "|---|---|" + "---|" * len(cols)]
+    cell = lambda s, k: f"{fmt(s['mean'], dec(k))} ± {fmt(s['std'], dec(k))}" if s else ""
+    row = lambda title, n, summary: f"| {title} | {n} | " + " | ".join(cell(summary(k), k) for k, *_ in cols) + " |"
+    lines.append(row("no look", len({r["seed"] for r in done}), frozen["nolook"].get))
+    for v in variants:
+        n = len({r["seed"] for r in done if r["variant"] == v})
+        if n:
+            lines.append(row(name(v), n, lambda k: stats[k].get(v, {}).get("summary")))
+    for ref, ref_name in (("adam", "Adam"), ("random", "random init")):
+        others = [v for v in variants if v != ref]
+        lines += ["", f"### Frozen features: paired difference to {ref_name}", ""]
+        if ref not in variants:
+            lines.append(f"{ref_name} is not among --variants: no comparison.")
+            continue
+        lines += [f"Δ = variant − {ref_name} on the same pretraining seed: mean [95% t-interval], p of the two-sided "
+                  f"paired t-test over seeds, n seeds. The variant is better where Δ has the sign of the column "
+                  f"\"better\": Δ < 0 for lower, Δ > 0 for higher.", "",
+                  "| measure | better | " + " | ".join(name(v) for v in others) + " |",
+                  "|---|---|" + "---|" * len(others)]
+        for key, title, *_ in cols:
+            cells = []
+            for v in others:
+                d = stats[key].get(v, {}).get(f"vs_{ref}")
+                cells.append("" if not d else f"{d['diff']:+.{dec(key)}f} [{fmt(d['ci_lo'], dec(key))}, "
+                             f"{fmt(d['ci_hi'], dec(key))}] p={fmt(d['p'], 3)}, n={d['n']}")
+            lines.append(f"| {title} | {better(key)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def pruner_lines(records, variants):
+    """Per pretraining run and stage, the last epoch's pruned share and the share of pairs at or above t (the
+    pruner's would-be share, also where it is off), from the run's log (the record's last_epoch_per_stage)."""
+    lines = ["## Pruner activity per level", "",
+             "The last epoch of each stage (the run's log.jsonl): pruned % is the share of bank pairs the pruner "
+             "removed (q.b >= t), q.b >= t % the share it would remove, also where it is off (level 0 without "
+             "--prune-every-level, --threshold 1). Runs without a pruner (the baselines) are left out.", "",
+             "| variant | seed | stage | level | epoch | pruned % | q.b >= t % |", "|---|---|---|---|---|---|---|"]
+    order = lambda r: (variants.index(r["variant"]) if r["variant"] in variants else 99, r["seed"])
+    for r in sorted((r for r in records if r["kind"] == "pretrain"), key=order):
+        for e in r["last_epoch_per_stage"]:
+            if "pruned" in e:
+                lines.append(f"| {name(r['variant'])} | {r['seed']} | {e['stage']} | {e['level']} | {e['epoch']} | "
+                             f"{fmt(100 * e['pruned'])} | {fmt(100 * e.get('would_prune', math.nan))} |")
+    return lines
+
+
+def write_md(path, state, stats, frozen, variants):
+    cols = metrics()
     cfg, recs = state["settings"], state["runs"]
     pre = [r for r in recs if r["kind"] == "pretrain"]
-    wall = {k: sum(r.get("wall_s", 0) for r in recs if r["kind"] == k) for k in ("pretrain", "eve")}
+    wall = {k: sum(r.get("wall_s", 0) for r in recs if r["kind"] == k) for k in ("pretrain", "frozen", "eve")}
     wall["finetune"] = sum(r["time_s"] for r in recs if r["kind"] == "finetune")
     lines = [f"# Ablation (`--scale {state['scale']}`)", "",
              f"Command: `{' '.join(state['command'])}`; {platform.platform()}, "
              f"{torch.get_num_threads()} torch threads.",
              f"Budget: {cfg['steps']} pretraining steps per variant; pretraining seeds 0-{cfg['seeds'] - 1}, "
              f"{cfg['draws']} few-shot draw(s) per seed; phantom {cfg['phantom'][0]} images at "
-             f"{cfg['phantom'][1]} px. Wall time so far: pretraining {wall['pretrain'] / 60:.1f} min, fine-tuning "
-             f"{wall['finetune'] / 60:.1f} min, Eve {wall['eve'] / 60:.1f} min.", "",
-             "## Pretraining (last epoch of each run; the monitor's fields, adam_cxr/monitor.py)", "",
-             "| variant | seed | stages x epochs x steps | steps | loss | val loss | pruned % | q.b >= t % | "
-             "median max q.b | q.b p99 | q.k | align | unif | encoder evaluated | wall s |", "|---|" + "---|" * 14]
-    for r in sorted(pre, key=lambda r: (variants.index(r["variant"]) if r["variant"] in variants else 99, r["seed"])):
-        e = r["last_epoch"]
-        lines.append(f"| {name(r['variant'])} | {r['seed']} | {r['stages']} x {r['epochs']} x {r['steps_per_epoch']} "
-                     f"| {r['steps']} | {fmt(e['loss'], 3)} | {fmt(e.get('val_loss'), 3)} | "
-                     f"{fmt(100 * e['pruned'] if 'pruned' in e else None)} | "
-                     f"{fmt(100 * e.get('would_prune', math.nan))} | "
-                     f"{fmt(e.get('sim_max_median'), 3)} | {fmt(e.get('sim_p99'), 3)} | {fmt(e.get('pos_cos'), 3)} | "
-                     f"{fmt(e.get('align'), 3)} | {fmt(e.get('unif'), 3)} | "
-                     f"{'epoch %d (lowest val loss)' % e['best_epoch'] if e.get('best_epoch') else 'last epoch'} | "
-                     f"{fmt(r['wall_s'], 0)} |")
+             f"{cfg['phantom'][1]} px. Wall time so far: pretraining {wall['pretrain'] / 60:.1f} min, frozen "
+             f"measures {wall['frozen'] / 60:.1f} min, fine-tuning {wall['finetune'] / 60:.1f} min, "
+             f"Eve {wall['eve'] / 60:.1f} min.", ""]
+    lines += frozen_lines(recs, frozen, variants)
     head = "| variant | " + " | ".join(c[1] for c in cols) + " |\n|---|" + "---|" * len(cols)
-    lines += ["", "## Mean ± std over seeds x draws (n)", "",
+    lines += ["", "## Secondary: few-shot fine-tuning and Eve", "",
+              "### Mean ± std over seeds x draws (n)", "",
               "Few-shot Dice (%) on the phantom test split; Eve per pretraining seed. Higher is better for every "
               "column.", "", head]
     for v in variants:
@@ -278,7 +397,7 @@ def write_md(path, state, stats, variants):
             s = stats[c[0]].get(v, {}).get("summary")
             cells.append(f"{fmt(s['mean'])} ± {fmt(s['std'])} ({s['n']})" if s else "")
         lines.append(f"| {name(v)} | " + " | ".join(cells) + " |")
-    lines += ["", "## Paired difference to Adam", "",
+    lines += ["", "### Paired difference to Adam", "",
               "Δ = variant − Adam on the same (pretraining seed, draw): mean [95% t-interval], p of the two-sided "
               "paired t-test over seeds x draws, p over per-seed means (the draws of one seed share an encoder, "
               "so this one is the conservative test), n pairs, and the Δ this design could detect "
@@ -292,6 +411,20 @@ def write_md(path, state, stats, variants):
             cells.append("" if not d else f"{d['diff']:+.2f} [{fmt(d['ci_lo'])}, {fmt(d['ci_hi'])}] "
                          f"p={fmt(d['p'], 3)}, p_seed={fmt(d['p_seed'], 3)}, n={d['n']}, detectable ±{fmt(d['mde'])}")
         lines.append(f"| {c[1]} | " + " | ".join(cells) + " |")
+    lines += ["", "## Pretraining (last epoch of each run; the monitor's fields, adam_cxr/monitor.py)", "",
+              "| variant | seed | stages x epochs x steps | steps | loss | val loss | pruned % | q.b >= t % | "
+              "median max q.b | q.b p99 | q.k | align | unif | encoder evaluated | wall s |", "|---|" + "---|" * 14]
+    for r in sorted(pre, key=lambda r: (variants.index(r["variant"]) if r["variant"] in variants else 99, r["seed"])):
+        e = r["last_epoch"]
+        lines.append(f"| {name(r['variant'])} | {r['seed']} | {r['stages']} x {r['epochs']} x {r['steps_per_epoch']} "
+                     f"| {r['steps']} | {fmt(e['loss'], 3)} | {fmt(e.get('val_loss'), 3)} | "
+                     f"{fmt(100 * e['pruned'] if 'pruned' in e else None)} | "
+                     f"{fmt(100 * e.get('would_prune', math.nan))} | "
+                     f"{fmt(e.get('sim_max_median'), 3)} | {fmt(e.get('sim_p99'), 3)} | {fmt(e.get('pos_cos'), 3)} | "
+                     f"{fmt(e.get('align'), 3)} | {fmt(e.get('unif'), 3)} | "
+                     f"{'epoch %d (lowest val loss)' % e['best_epoch'] if e.get('best_epoch') else 'last epoch'} | "
+                     f"{fmt(r['wall_s'], 0)} |")
+    lines += [""] + pruner_lines(recs, variants)
     text = "\n".join(lines) + "\n"
     write_atomic(path, lambda p: Path(p).write_text(text))
     return text
@@ -302,7 +435,7 @@ def write_png(path, records, stats, variants):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    cols, name = metrics(), lambda v: {**VARIANTS, **LADDER, **BASELINES}[v][0]
+    cols = metrics()
     others = [v for v in variants if v != "adam"]
     fig, axes = plt.subplots(2, 4, figsize=(4 * 4, 7.5))
     for ax, col in zip(axes.flat, cols):
@@ -401,16 +534,19 @@ def _main(args, argv):
         runs.check_data("--data-root", root, state["settings"].get("data"), cfg["data"], f"the ablation in {out}")
     state = state or dict(scale=args.scale, settings=cfg, runs=[])
     state["settings"].setdefault("data", cfg["data"])        # a record from before identities: from now on
+    cfg["frozen"] = state["settings"].setdefault("frozen", cfg["frozen"])  # every encoder of one ablation alike
     state["command"] = ["python", "ablate.py", *(sys.argv[1:] if argv is None else argv)]
     batch = int(cfg["pretrain"][cfg["pretrain"].index("--batch-size") + 1]) if "--batch-size" in cfg["pretrain"] \
         else adam.PRESETS["demo"]["batch_size"]
     max_spe = n_train // batch
     seeds = range(cfg["seeds"])
     jobs = [("pretrain", v, s) for s in seeds for v in variants if flags[v] is not None]
-    jobs += [(kind, v, s) for s in seeds for v in variants for kind in ("finetune", "eve")]
+    jobs += [(kind, v, s) for s in seeds for v in variants for kind in ("frozen", "finetune", "eve")]
+    fz = cfg["frozen"]
     print(f"ablation --scale {args.scale}: {len(variants)} variants x {cfg['seeds']} seeds, {cfg['steps']} "
-          f"pretraining steps each, {cfg['draws']} draw(s) x {len(SHOTS)} shot counts x {len(TASKS)} tasks; "
-          f"data {root} ({n_train} train images); logs in {out / 'logs'}", flush=True)
+          f"pretraining steps each; frozen measures (the headline) at {fz['size']} px on up to {fz['test_images']} "
+          f"test images, {fz['draws']} probe draw(s); {cfg['draws']} few-shot draw(s) x {len(SHOTS)} shot counts x "
+          f"{len(TASKS)} tasks; data {root} ({n_train} train images); logs in {out / 'logs'}", flush=True)
     if args.dry_run:
         for v in variants:
             if flags[v] is not None:
@@ -419,8 +555,9 @@ def _main(args, argv):
                 print(f"  {v}: {' '.join(flags[v]) or 'baselines.py ' + v}: {n} stage(s) x {e} epochs x {spe} "
                       f"steps = {n * e * spe} steps")
         n_ft = sum(k == "finetune" for k, _, _ in jobs) * len(TASKS) * len(SHOTS) * cfg["draws"]
-        print(f"  {sum(k == 'pretrain' for k, _, _ in jobs)} pretraining runs, {n_ft} fine-tuning runs, "
-              f"{sum(k == 'eve' for k, _, _ in jobs)} Eve runs")
+        print(f"  {sum(k == 'pretrain' for k, _, _ in jobs)} pretraining runs, "
+              f"{sum(k == 'frozen' for k, _, _ in jobs)} frozen-feature measurements (adam_cxr/probes.py), "
+              f"{n_ft} fine-tuning runs, {sum(k == 'eve' for k, _, _ in jobs)} Eve runs")
         return dict(out=str(out), jobs=jobs)
     done = {(r["kind"], r["variant"], r["seed"]) for r in state["runs"]}
     t_start = time.time()
@@ -433,6 +570,8 @@ def _main(args, argv):
         with logged(out / "logs" / f"{kind}_{v}_seed{s}.log"):
             if kind == "pretrain":
                 new = [pretrain(v, flags[v], s, cfg, root, out, max_spe)]
+            elif kind == "frozen":
+                new = [frozen_run(v, s, spec, cfg, root)]
             elif kind == "finetune":
                 new = finetune_runs(v, s, spec, cfg, root, out)
             else:
@@ -442,12 +581,15 @@ def _main(args, argv):
         print(f"[{j + 1}/{len(jobs)}] {kind} {v} seed {s}: {time.time() - t0:.0f}s "
               f"({(time.time() - t_start) / 60:.1f} min so far)", flush=True)
     stats = analyse(state["runs"], variants)
-    state["stats"] = stats
+    cols = frozen_metrics(state["runs"])
+    frozen = dict(variants=analyse(state["runs"], variants, cols, refs=("adam", "random")),
+                  nolook=nolook(state["runs"], cols))
+    state["stats"], state["frozen_stats"] = stats, frozen
     runs.write_json(state_path, state)
-    text = write_md(out / "ablation.md", state, stats, variants)
+    text = write_md(out / "ablation.md", state, stats, frozen, variants)
     write_png(out / "ablation.png", state["runs"], stats, variants)
     print(text)
-    return dict(out=str(out), stats=stats, table=text, runs=state["runs"])
+    return dict(out=str(out), stats=stats, frozen=frozen, table=text, runs=state["runs"])
 
 
 if __name__ == "__main__":  # bad input, a full disk, a busy --out, Ctrl-C or SIGTERM: one line, no traceback

@@ -54,6 +54,39 @@ def class_probes(bb, cache, size):
     return dict(linear=probes.linear_probe(f[tr], y[tr], f[te], y[te]), knn=probes.knn(f[tr], y[tr], f[te], y[te]))
 
 
+def supervised(flags, cache, seed):
+    """The supervised control: the backbone, views, batch, optimiser, schedule and number of steps of the pretraining
+    run that `flags` (adam.py's) describe, trained on the class labels through a linear head instead of the
+    contrastive loss. It bounds what the budget can teach: where even labels do not lift the frozen probes above
+    random init, a pretraining run of that budget cannot be expected to (docs/learning.md)."""
+    a = adam.parse_args(flags)
+    tr = cache.rows("train")
+    images = np.asarray(cache.images)[tr][:, None]                                 # N x 1 x H x W uint8
+    y = torch.as_tensor(cache.label_matrix()[tr].argmax(1))
+    views = adam.AdamViews(images, 0, a.img_size, crop_scale=a.crop_scale, jitter=a.jitter)
+    bb = backbone(a.arch, seed=seed)
+    head = torch.nn.Linear(bb(torch.zeros(2, 3, 32, 32)).shape[1], int(y.max()) + 1)
+    model = torch.nn.Sequential(bb, head).train()
+    lr = a.lr * a.batch_size / 256                                                  # adam.py's linear scaling
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=a.momentum, weight_decay=a.wd)
+    steps_per_epoch = min(len(tr) // a.batch_size, a.steps_per_epoch or len(tr))
+    g = torch.Generator().manual_seed(seed)
+    for epoch in range(a.epochs * len(a.level_list)):                            # as many steps as pretraining
+        for group in opt.param_groups:                                            # adam.py's cosine per epoch
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / (a.epochs * len(a.level_list))))
+        order = torch.randperm(len(tr), generator=g)
+        for i in range(steps_per_epoch):
+            idx = order[i * a.batch_size:(i + 1) * a.batch_size]
+            seeds = torch.randint(2**62, (len(idx),), generator=g)
+            x = torch.stack([views[(int(j), int(s))][0] for j, s in zip(idx, seeds)])  # B x 1 x S x S uint8
+            loss = torch.nn.functional.cross_entropy(model(adam.imagenet_normalise(x.float().mul_(1 / 255))),
+                                                     y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return bb.eval()
+
+
 def welch(a, b):
     """Two-sided Welch t-test p of mean(a) != mean(b); None with fewer than 2 values a side."""
     if len(a) < 2 or len(b) < 2:
@@ -76,6 +109,9 @@ def main(argv=None):
     p.add_argument("--epochs", type=runs.number(int, 1), default=10, help="epochs per level")
     p.add_argument("--levels", type=runs.levels, default="0",
                    help="adam.py --levels: '0' = the MoCo-v2 stage that every level builds on; '0,2,4' = Adam")
+    p.add_argument("--supervised", action=argparse.BooleanOptionalAction, default=True,
+                   help="also train the supervised control (same backbone, views and steps, on the labels): what "
+                        "the budget can teach at all")
     args, extra = p.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -87,29 +123,39 @@ def main(argv=None):
     rows, t0 = [], time.time()
     for seed in seeds:
         run = out / f"seed{seed}"
+        flags = FLAGS + ["--data", str(root), "--img-size", str(args.size), "--levels", args.levels,
+                         "--epochs", str(args.epochs), "--seed", str(seed), "--out", str(run), "--overwrite"] + extra
         if not any(run.glob("adam_resnet18_level*.pth")):
-            adam.main(FLAGS + ["--data", str(root), "--img-size", str(args.size), "--levels", args.levels,
-                               "--epochs", str(args.epochs),
-                               "--seed", str(seed), "--out", str(run), "--overwrite"] + extra)
+            adam.main(flags)
         path, _ = runs.backbone_file(run, "resnet18", "last")       # the demo preset's backbone
         log = runs.read_log(run)
         rows.append(dict(seed=seed, trained=class_probes(backbone("resnet18", path), cache, args.size),
                          random=class_probes(backbone("resnet18", seed=seed), cache, args.size),
                          unif=[r.get("unif") for r in log], pruned=[r.get("pruned") for r in log]))
-        print(f"seed {seed}: trained {rows[-1]['trained']}, random init {rows[-1]['random']}", flush=True)
+        if args.supervised:   # kept beside the run: a rerun with the same flags reuses it
+            saved = runs.read_json(run / "supervised.json", "--out", "a supervised control (flags, probes)",
+                                   lambda o: isinstance(o, dict) and "probes" in o) or {}
+            if saved.get("flags") != flags:
+                saved = dict(flags=flags, probes=class_probes(supervised(flags, cache, seed), cache, args.size))
+                runs.write_json(run / "supervised.json", saved)
+            rows[-1]["supervised"] = saved["probes"]
+        print(f"seed {seed}: " + ", ".join(f"{k} {rows[-1][k]}" for k in ("random", "supervised", "trained")
+                                            if k in rows[-1]), flush=True)
     result = {"settings": dict(vars(args), flags=FLAGS + extra, data=str(root)), "seeds": rows, "summary": {},
               "minutes": round((time.time() - t0) / 60, 1)}
     print(f"\nknown answer: {len(cache.rows('test'))} test images, {len(shapes.CLASSES)} classes (chance "
           f"{1 / len(shapes.CLASSES):.3f}), {len(seeds)} seed(s)")
-    print(f"{'probe':<8} {'random init':>12} {'pretrained':>12} {'lift':>8} {'p (Welch)':>10}")
+    print(f"{'probe':<8} {'random init':>12} {'supervised':>11} {'pretrained':>11} {'lift':>7} {'p (Welch)':>10}")
     for probe in ("linear", "knn"):
         a = [r["trained"][probe] for r in rows]
         b = [r["random"][probe] for r in rows]
+        sup = [r["supervised"][probe] for r in rows if "supervised" in r]
         pval = welch(a, b)
         result["summary"][probe] = dict(random=float(np.mean(b)), trained=float(np.mean(a)),
-                                        lift=float(np.mean(a) - np.mean(b)), p=pval)
-        print(f"{probe:<8} {np.mean(b):>12.3f} {np.mean(a):>12.3f} {np.mean(a) - np.mean(b):>+8.3f} "
-              f"{'-' if pval is None else f'{pval:.2g}':>10}")
+                                        lift=float(np.mean(a) - np.mean(b)), p=pval,
+                                        supervised=float(np.mean(sup)) if sup else None)
+        print(f"{probe:<8} {np.mean(b):>12.3f} {f'{np.mean(sup):.3f}' if sup else '-':>11} {np.mean(a):>11.3f} "
+              f"{np.mean(a) - np.mean(b):>+7.3f} {'-' if pval is None else f'{pval:.2g}':>10}")
     runs.write_atomic(out / "known_answer.json", lambda f: f.write_text(json.dumps(result, indent=1)))
     return result
 

@@ -43,7 +43,7 @@ def test_the_cache_opens_as_a_data_prep_cache_with_the_class_as_label(tmp_path):
 
 
 @pytest.mark.slow
-def test_known_answer_smoke_run_compares_pretraining_with_random_init(tmp_path):
+def test_known_answer_smoke_run_compares_pretraining_with_random_init(tmp_path, monkeypatch):
     out = tmp_path / "ka"
     result = known_answer.main(["--out", str(out), "--seeds", "0,1", "--images", "160", "--epochs", "1",
                                 "--data-root", str(tmp_path / "shapes"), "--", "--batch-size", "16",
@@ -58,6 +58,34 @@ def test_known_answer_smoke_run_compares_pretraining_with_random_init(tmp_path):
     assert [r["seed"] for r in result["seeds"]] == [0, 1]
     # the pretrained backbones differ from the random inits they are compared with
     assert any(r["trained"] != r["random"] for r in result["seeds"])
+    # the supervised control ran with the pretraining's flags, and a rerun reuses it instead of training again
+    for r in result["seeds"]:
+        assert set(r["supervised"]) == {"linear", "knn"} and r["supervised"] != r["random"]
+        saved = json.loads((out / f"seed{r['seed']}" / "supervised.json").read_text())
+        assert "--batch-size" in saved["flags"] and saved["probes"] == r["supervised"]
+    calls = []
+    monkeypatch.setattr(known_answer, "supervised", lambda *a: calls.append(a))
+    again = known_answer.main(["--out", str(out), "--seeds", "0,1", "--images", "160", "--epochs", "1",
+                               "--data-root", str(tmp_path / "shapes"), "--", "--batch-size", "16",
+                               "--workers", "0", "--steps-per-epoch", "2", "--device", "cpu"])
+    assert calls == [] and again["summary"] == result["summary"]
+
+
+def test_the_supervised_control_uses_the_pretraining_budget_and_learns_the_labels(tmp_path, monkeypatch):
+    """The control takes adam.py's flags: as many optimiser steps as the pretraining run (stages x epochs x steps per
+    epoch), at its batch size, on the labels; the backbone comes back in eval mode for the frozen probes."""
+    root = shapes.build_shapes(tmp_path / "s", num_images=120, size=32)
+    cache = data_prep.open_cache(root)
+    seen, real_ce = [], torch.nn.functional.cross_entropy
+
+    def ce(logits, y):
+        seen.append(logits.shape)
+        return real_ce(logits, y)
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", ce)
+    flags = known_answer.FLAGS + ["--data", str(root), "--img-size", "32", "--levels", "0,2", "--epochs", "3",
+                                  "--batch-size", "8", "--steps-per-epoch", "2", "--out", str(tmp_path / "r")]
+    bb = known_answer.supervised(flags, cache, 0)
+    assert seen == [(8, len(shapes.CLASSES))] * (2 * 3 * 2) and not bb.training
 
 
 def test_adam_views_without_jitter_keep_the_grey_levels_and_the_crop_scale_bounds_the_crop():

@@ -24,7 +24,7 @@ REQS        := requirements.txt
 DEPS_FLAG   :=
 endif
 
-.PHONY: install demo test test-fast bench gpu-wheels clean
+.PHONY: install demo test test-fast test-learning bench gpu-wheels clean
 
 install: $(STAMP)
 
@@ -49,10 +49,13 @@ demo: $(STAMP)
 # test: every test (CI runs this). test-fast: the tests not marked slow or cuda (pyproject.toml), meant to take under
 # 2 minutes on 2 cores and to touch every module: the loop while editing (docs/testing.md).
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q -m "not learning"
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest tests -q -m "not slow and not cuda"
+	$(BIN)/python -m pytest tests -q -m "not slow and not cuda and not learning"
+
+test-learning: $(STAMP)
+	$(BIN)/python -m pytest tests -q -m learning
 
 bench: $(STAMP)
 	$(BIN)/python bench.py

@@ -18,15 +18,6 @@ def phantom_root(tmp_path_factory):
                                          num_images=48, size=64, seed=0))
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread for a test of tiny models: on a shared 2-core box a second thread only contends."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="session")
 def tiny_adam_run(phantom_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("adam_run")

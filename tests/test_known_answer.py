@@ -132,7 +132,7 @@ def test_adam_views_without_jitter_keep_the_grey_levels_and_the_crop_scale_bound
 
 @pytest.mark.learning
 def test_pretraining_lifts_the_exemplar_probes_over_random_init(tmp_path):
-    """The known-answer test at its documented settings, one seed (about 8 min on 2 cores; make test-learning).
+    """The known-answer test at its documented settings, one seed (about 5 min on 2 cores; make test-learning).
     docs/learning.md: over 3 seeds the lift was +26 (linear) and +15 (5-NN) points; a broken pairing of q and k, teacher, bank or loss leaves
     the probes at random init (the paper's 20 % crops at this size and budget: +5 / +2 points)."""
     result = known_answer.main(["--out", str(tmp_path / "ka"), "--seeds", "0", "--no-supervised",

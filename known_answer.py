@@ -76,9 +76,9 @@ def class_probes(bb, cache, size):
 
 
 def supervised(flags, cache, seed):
-    """The supervised control: the backbone, views, batch, optimiser, schedule and number of steps of the pretraining
-    run that `flags` (adam.py's) describe, trained on the class labels through a linear head instead of the
-    contrastive loss. It bounds what the budget can teach: where even labels do not lift the frozen probes above
+    """The supervised control: the backbone, views, batch, optimiser and number of steps of the pretraining run that
+    `flags` (adam.py's) describe, with adam.py's cosine over all its epochs (one stage: the same schedule), trained on
+    the class labels through a linear head instead of the contrastive loss. It bounds what the budget can teach: where even labels do not lift the frozen probes above
     random init, a pretraining run of that budget cannot be expected to (docs/learning.md)."""
     a = adam.parse_args(flags)
     tr = cache.rows("train")
@@ -89,7 +89,7 @@ def supervised(flags, cache, seed):
     head = torch.nn.Linear(bb(torch.zeros(2, 3, 32, 32)).shape[1], int(y.max()) + 1)
     model = torch.nn.Sequential(bb, head).train()
     lr = a.lr * a.batch_size / 256                                                  # adam.py's linear scaling
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=a.momentum, weight_decay=a.wd)
+    opt = adam.make_optimizer(model, lr, a)                                        # the pretraining's SGD
     steps_per_epoch = min(len(tr) // a.batch_size, a.steps_per_epoch or len(tr))
     g = torch.Generator().manual_seed(seed)
     for epoch in range(a.epochs * len(a.level_list)):                            # as many steps as pretraining

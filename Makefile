@@ -1,4 +1,4 @@
-# One entry point: `make demo` (CPU demo on phantoms, about 4 minutes on 2 cores, README) and `make test` (the test suite;
+# One entry point: `make demo` (CPU demo on phantoms, about 6 minutes on 2 cores, README) and `make test` (the test suite;
 # `make test-fast` for the fast tier).
 # Both create .venv and install everything on first use, including the fused op (adam_ext), built with its
 # CUDA kernels when a CUDA toolkit is found (setup.py looks at CUDA_HOME, then nvcc on PATH), and the optional
@@ -43,8 +43,9 @@ endif
 # Pretrain on phantoms (generated on first use), then measure what the embedding learned against random init.
 demo: $(STAMP)
 	$(BIN)/python adam.py --out runs/demo --overwrite
+	rm -rf runs/demo/eve  # measurements of the encoder just replaced
 	$(BIN)/python eve.py --data phantom --arch resnet18 --img-size 64 --what locality,compositionality,frozen \
-		--frozen-size 128 --draws 3 --init adam:runs/demo --init random --compare --out runs/demo/eve
+		--draws 3 --init adam:runs/demo --init random --compare --out runs/demo/eve
 
 # test: every test (CI runs this). test-fast: the tests not marked slow or cuda (pyproject.toml), meant to take under
 # 2 minutes on 2 cores and to touch every module: the loop while editing (docs/testing.md).

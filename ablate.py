@@ -98,13 +98,15 @@ SCALES = {
              "--grid", "4", "--corr-pairs", "2", "--device", "cpu"],
         frozen=dict(size=32, test_images=8, draws=1, device="cpu"),
         baselines=["--expander", "256"]),  # baselines.py flags besides the scale's adam.py ones
-    # 2 CPU cores, about 90 min: the demo's pretraining (ResNet-18, 64 px views, batch 32, K 2048) for 300 steps
+    # 2 CPU cores, about 90 min: the demo's pretraining (the demo preset: ResNet-18, 64 px views, batch 32) for its
+    # 315 steps; the frozen measures as docs/phantom_learning.py takes them (the cache's 256 px, where the demo's
+    # encoder beats random init: docs/learning.md)
     "cpu": dict(
-        root="data/phantom", phantom=(1000, 256), seeds=3, draws=2, steps=300, arch="resnet18", img_size=64,
+        root="data/phantom", phantom=(1000, 256), seeds=3, draws=2, steps=315, arch="resnet18", img_size=64,
         pretrain=["--print-freq", "1000"],
         finetune=["--epochs", "15", "--min-iters", "4", "--val-images", "32"],
         eve=["--num-images", "30", "--num-patches", "30", "--tsne-points", "100"],
-        frozen=dict(size=128, test_images=100, draws=3)),  # make demo's size and draws (docs/learning.md)
+        frozen=dict(size=256, test_images=100, draws=3)),
     # one GPU: ResNet-50 at 128 px, 3000 steps of batch 128 on 5000 phantoms, views made on the GPU (CPU workers
     # could not feed it: BENCHMARKS.md), 5 seeds x 2 draws
     "gpu": dict(

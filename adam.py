@@ -55,13 +55,18 @@ from data_prep import DataError  # bad input data, named with its file
 PRESETS = {
     "paper": dict(arch="resnet50", img_size=224, batch_size=256, queue_size=65536, epochs=200, lr=0.03,
                   steps_per_epoch=None, momentum_ema=0.999, workers=8, val_steps=None, print_freq=50,
-                  crop_scale=0.2, jitter=0.4),
-    # demo: ResNet-18 on 64 px views, ~100 steps per stage. A bank that fills within the first stage; m = 0.99
-    # because a 0.999 teacher would barely move from its random init in 100 steps; base lr 0.24 so that
-    # batch 32 trains at 0.03 (the linear scaling rule would give 0.004, too slow to show anything).
-    "demo": dict(arch="resnet18", img_size=64, batch_size=32, queue_size=2048, epochs=5, lr=0.24,
+                  crop_scale=0.2, jitter=0.4, temperature=0.2, bn_group_images=64),
+    # demo: ResNet-18 on 64 px views, 105 steps per stage (about 4 min on 2 CPU cores). m = 0.99 because a 0.999
+    # teacher would barely move from its random init in 105 steps; base lr 0.24 so that batch 32 trains at 0.03 (the
+    # linear scaling rule would give 0.004, too slow to show anything). The rest is what the phantom search found
+    # to learn anatomy in this budget (docs/learning.md, "The phantom"): crops of at least 60 % (a 20 % crop of a part
+    # at 64 px leaves too little to tell apart); jitter 0.3 (0.4 leaves the embedding collapsed, 0 lets it tell
+    # phantoms apart by their grey levels); tau 0.1 (at 0.2 the phantoms' nearly equal embeddings give the loss
+    # almost no gradient in 105 steps); a bank of 256, fewer than the 700 train phantoms, so that it rarely holds
+    # an older key of the anchor's own image; shuffle BN over groups of 8 images (4 at batch 32).
+    "demo": dict(arch="resnet18", img_size=64, batch_size=32, queue_size=256, epochs=5, lr=0.24,
                  steps_per_epoch=None, momentum_ema=0.99, workers=2, val_steps=2, print_freq=7,
-                 crop_scale=0.2, jitter=0.4),
+                 crop_scale=0.6, jitter=0.3, temperature=0.1, bn_group_images=8),
 }
 # The backbones every script accepts (adam.py, finetune.py, eve.py): torchvision's ResNets.
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2")
@@ -285,6 +290,12 @@ class SplitBatchNorm(nn.BatchNorm2d):
         return y.view(B, C, H, W)
 
 
+def bn_groups(args, batch):
+    """G of a per-process batch: --bn-groups, else one group per `bn_group_images` of the preset (paper: 64, the
+    authors' per-GPU batch; demo: 8), at least one."""
+    return args.bn_groups or max(1, batch // getattr(args, "bn_group_images", 64))
+
+
 def shuffle_groups(B, G, device="cpu"):
     """The teacher's order of a batch of B: image i (student group i % G, slot i // G) goes to teacher group
     (i + i // G) % G, so each teacher group takes B/G^2 images from every student group (G^2 | B), or one from each
@@ -483,7 +494,8 @@ def parse_args(argv=None):
     g.add_argument("--img-size", type=runs.number(int, 16), default=None, help="side of each view (paper: 224)")
     g.add_argument("--dim", type=n1, default=128, help="embedding size D of q, k and the bank")
     g.add_argument("--bn-groups", type=n1, default=None, help="shuffle BN: BatchNorm over G groups of each process's "
-                   "batch, regrouped for the teacher (default: 64 images a group as the authors' GPUs; 1 = plain BN)")
+                   "batch, regrouped for the teacher (default: a group per 64 images as the authors' GPUs, per 8 in the demo "
+                   "preset; 1 = plain BN, which lets a small batch cheat through its statistics: docs/learning.md)")
     g.add_argument("--crop-scale", type=runs.number(float, 0, 1, low_open=True), default=None,
                    help="views: smallest crop area as a share of the part (paper: 0.2, MoCo v2's)")
     g.add_argument("--jitter", type=runs.number(float, 0, 1), default=None,
@@ -493,8 +505,8 @@ def parse_args(argv=None):
     g.add_argument("--levels", type=runs.levels, default="0,2,4",
                    help="granularity levels, one stage each, coarse to fine; '0' alone = MoCo-v2 (no AD)")
     g.add_argument("--queue-size", type=n1, default=None, help="bank size K (paper: 65536)")
-    g.add_argument("--temperature", type=runs.number(float, 0, low_open=True), default=0.2,
-                   help="tau of InfoNCE (MoCo-v2: 0.2)")
+    g.add_argument("--temperature", type=runs.number(float, 0, low_open=True), default=None,
+                   help="tau of InfoNCE (paper: 0.2, MoCo-v2's; demo: 0.1)")
     g.add_argument("--threshold", type=runs.threshold, default=0.8, help="Purposive Pruner: bank entries with cosine "
                    ">= t to the anchor are dropped; t in (-1, 1]; 1 or 'off' disables the pruner (ablation 'no PP')")
     g.add_argument("--prune-every-level", action="store_true",
@@ -545,13 +557,14 @@ def parse_args(argv=None):
         saved = {k: v for k, v in ckpt["args"].items() if k not in ("resume", "out", "overwrite")}
         if saved.pop("gpu_views", False):  # runs saved before --views had --gpu-views
             saved.setdefault("views", "device")
+        saved.setdefault("bn_group_images", 64)  # runs saved before the presets set it: a group per 64 images
         p.set_defaults(**saved)
         args = p.parse_args(argv)
         given = sys.argv[1:] if argv is None else argv
         args.out = args.out if "--out" in given else args.resume
     preset = PRESETS[args.preset or ("demo" if args.data == "phantom" else "paper")]
-    for key, value in preset.items():
-        if getattr(args, key) is None:
+    for key, value in preset.items():  # bn_group_images is no flag: --bn-groups left unset follows it
+        if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.level_list = [int(n) for n in str(args.levels).split(",")]
     if args.resume:  # the saved run must fit: arch, dim, K, the levels and epochs it has done
@@ -633,7 +646,7 @@ def build_models(args, device, world, batch):
     """Student (f_theta, h_theta), teacher (its copy, section 4), bank (section 5), and what the step calls: model
     (the student, under DDP across processes, compiled with --compile), the teacher as called; the shuffle-BN groups
     (default: 64 images a group per process, section 7) and the views' memory format."""
-    groups = args.bn_groups or max(1, batch // 64)
+    groups = bn_groups(args, batch)
     student = Encoder(args.arch, args.dim, groups).to(device)
     teacher = copy.deepcopy(student).requires_grad_(False)         # xi initialised as a copy of theta
     cuda = device.type == "cuda"

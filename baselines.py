@@ -102,7 +102,8 @@ def parser(method):
                        "--gpu-views); needs a data_prep.py cache")
         g.add_argument("--dim", type=n1, default=128, help="embedding size of both heads and both banks")
         g.add_argument("--queue-size", type=n1, default=None, help="size K of each bank (paper: 65536)")
-        g.add_argument("--temperature", type=runs.number(float, 0, low_open=True), default=0.2, help="tau")
+        g.add_argument("--temperature", type=runs.number(float, 0, low_open=True), default=None,
+                       help="tau (default: the preset's, as adam.py)")
         g.add_argument("--momentum-ema", type=unit, default=None, help="teacher EMA m (paper: 0.999)")
         g.add_argument("--bn-groups", type=n1, default=None, help="shuffle BN groups (adam.py --bn-groups)")
         g.add_argument("--dense-weight", type=unit, default=0.5,
@@ -137,6 +138,7 @@ def parse_args(argv, method):
     args.gpu_views = getattr(args, "gpu_views", False)
     args.views = "device" if args.gpu_views else "cpu"    # adam.open_data's --views
     args.crop_scale, args.jitter = preset["crop_scale"], preset["jitter"]   # the preset's views, as adam.py's
+    args.bn_group_images = preset["bn_group_images"]                        # and its shuffle-BN groups
     args.tf32 = False                                     # adam.setup_devices reads it
     return args
 
@@ -202,7 +204,7 @@ class DenseCL(nn.Module):
         require_lightly("densecl")
         from lightly.loss import NTXentLoss
         from lightly.models.modules import DenseCLProjectionHead
-        self.groups = args.bn_groups or max(1, args.batch_size // 64)  # adam.py's default: 64 images per BN group
+        self.groups = adam.bn_groups(args, args.batch_size)           # adam.py's shuffle-BN groups
         encoder = adam.Encoder(args.arch, args.dim, self.groups)      # first: the backbone adam.py starts from
         self.backbone, width = encoder.backbone, encoder.head[0].in_features
         self.head_global = DenseCLProjectionHead(width, width, args.dim)

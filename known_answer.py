@@ -35,15 +35,15 @@ import data_prep
 from adam_cxr import probes, runs, shapes
 
 # The settings of each design (docs/learning.md has the search); flags after -- override them. Both: the demo preset
-# at the images' side, shuffle BN over 4 groups, no validation. Exemplars: the paper's colour jitter, crops of at
+# at the images' side, shuffle BN over 4 groups, the paper's tau 0.2, no validation. Exemplars: the paper's colour jitter, crops of at
 # least 60 % of the image (at 32 px the paper's 20 % leaves too little of a pattern: the loss barely moves in the
 # budget), a bank of one batch's keys per 4 patterns (K = 64 for 64 patterns: about one copy of the anchor's own
 # pattern among the negatives). Shapes: a bank far smaller than the train split, crops of at least half the image,
 # no jitter (with it the loss barely moved).
 FLAGS = {"exemplars": ["--preset", "demo", "--queue-size", "64", "--bn-groups", "4", "--crop-scale", "0.6",
-                       "--jitter", "0.4", "--val-steps", "0"],
+                       "--jitter", "0.4", "--temperature", "0.2", "--val-steps", "0"],
          "shapes": ["--preset", "demo", "--queue-size", "256", "--bn-groups", "4", "--crop-scale", "0.5",
-                    "--jitter", "0", "--val-steps", "0"]}
+                    "--jitter", "0", "--temperature", "0.2", "--val-steps", "0"]}
 EPOCHS = {"exemplars": 35, "shapes": 10}    # 560 steps of batch 32 each
 
 

@@ -375,3 +375,12 @@ def test_the_training_step_makes_no_host_sync(phantom_root):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss)
+
+
+def test_shuffle_bn_groups_follow_the_preset_unless_given():
+    demo, paper = adam.parse_args([]), adam.parse_args(["--data", "chestxray14"])
+    assert [adam.bn_groups(demo, b) for b in (4, 8, 16, 32, 64)] == [1, 1, 2, 4, 8]       # a group per 8 images
+    assert [adam.bn_groups(paper, b) for b in (32, 64, 256)] == [1, 1, 4]                 # a group per 64 images
+    assert adam.bn_groups(adam.parse_args(["--bn-groups", "2"]), 32) == 2
+    assert (demo.temperature, paper.temperature) == (0.1, 0.2)                             # tau, from each preset
+    assert adam.parse_args(["--temperature", "0.3"]).temperature == 0.3

@@ -245,7 +245,7 @@ ROWS = [
     # divergence stops the run before it writes; loaders refuse non-finite weights by name
     ("lr-1e30", adam, lambda d: d.tiny + ["--lr", "1e30", "--out", str(d.out)],
      r"the loss is not finite in stage 1 \(level 0\), epoch 1, step 2: training diverged. Usual causes: --lr 1e\+30 "
-     r"too high, --temperature 0.2 too low, broken images; nothing was saved", [],
+     r"too high, --temperature 0.1 too low, broken images; nothing was saved", [],
      ["checkpoint.pth", "log.jsonl", "adam_resnet18_level0.pth"]),
     ("finetune-nan-init", finetune, lambda d: ["--task", "phantom-heart", "--data-root", str(d.phantom), "--arch",
                                                "resnet18", "--init", f"adam:{d.nan_run}", "--out", str(d.out)],

@@ -1,4 +1,4 @@
-# One entry point: `make demo` (CPU demo on phantoms, about 6 minutes on 2 cores, README) and `make test` (the test suite;
+# One entry point: `make demo` (CPU demo on phantoms, about 7 minutes on 2 cores, README) and `make test` (the test suite;
 # `make test-fast` for the fast tier).
 # Both create .venv and install everything on first use, including the fused op (adam_ext), built with its
 # CUDA kernels when a CUDA toolkit is found (setup.py looks at CUDA_HOME, then nvcc on PATH), and the optional

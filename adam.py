@@ -293,7 +293,7 @@ class SplitBatchNorm(nn.BatchNorm2d):
 def bn_groups(args, batch):
     """G of a per-process batch: --bn-groups, else one group per `bn_group_images` of the preset (paper: 64, the
     authors' per-GPU batch; demo: 8), at least one."""
-    return args.bn_groups or max(1, batch // getattr(args, "bn_group_images", 64))
+    return args.bn_groups or max(1, batch // args.bn_group_images)
 
 
 def shuffle_groups(B, G, device="cpu"):
@@ -494,8 +494,9 @@ def parse_args(argv=None):
     g.add_argument("--img-size", type=runs.number(int, 16), default=None, help="side of each view (paper: 224)")
     g.add_argument("--dim", type=n1, default=128, help="embedding size D of q, k and the bank")
     g.add_argument("--bn-groups", type=n1, default=None, help="shuffle BN: BatchNorm over G groups of each process's "
-                   "batch, regrouped for the teacher (default: a group per 64 images as the authors' GPUs, per 8 in the demo "
-                   "preset; 1 = plain BN, which lets a small batch cheat through its statistics: docs/learning.md)")
+                   "batch, regrouped for the teacher (default: a group per 64 images as the authors' GPUs, per 8 in "
+                   "the demo preset; 1 = plain BN, which lets a small batch cheat through its statistics: "
+                   "docs/learning.md)")
     g.add_argument("--crop-scale", type=runs.number(float, 0, 1, low_open=True), default=None,
                    help="views: smallest crop area as a share of the part (paper: 0.2, MoCo v2's)")
     g.add_argument("--jitter", type=runs.number(float, 0, 1), default=None,
@@ -645,7 +646,7 @@ def loss_record(criterion):
 def build_models(args, device, world, batch):
     """Student (f_theta, h_theta), teacher (its copy, section 4), bank (section 5), and what the step calls: model
     (the student, under DDP across processes, compiled with --compile), the teacher as called; the shuffle-BN groups
-    (default: 64 images a group per process, section 7) and the views' memory format."""
+    (bn_groups: the preset's images a group, per process, section 7) and the views' memory format."""
     groups = bn_groups(args, batch)
     student = Encoder(args.arch, args.dim, groups).to(device)
     teacher = copy.deepcopy(student).requires_grad_(False)         # xi initialised as a copy of theta

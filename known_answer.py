@@ -35,15 +35,14 @@ import data_prep
 from adam_cxr import probes, runs, shapes
 
 # The settings of each design (docs/learning.md has the search); flags after -- override them. Both: the demo preset
-# at the images' side, shuffle BN over 4 groups, the paper's tau 0.2, no validation. Exemplars: the paper's colour jitter, crops of at
-# least 60 % of the image (at 32 px the paper's 20 % leaves too little of a pattern: the loss barely moves in the
-# budget), a bank of one batch's keys per 4 patterns (K = 64 for 64 patterns: about one copy of the anchor's own
-# pattern among the negatives). Shapes: a bank far smaller than the train split, crops of at least half the image,
-# no jitter (with it the loss barely moved).
-FLAGS = {"exemplars": ["--preset", "demo", "--queue-size", "64", "--bn-groups", "4", "--crop-scale", "0.6",
-                       "--jitter", "0.4", "--temperature", "0.2", "--val-steps", "0"],
-         "shapes": ["--preset", "demo", "--queue-size", "256", "--bn-groups", "4", "--crop-scale", "0.5",
-                    "--jitter", "0", "--temperature", "0.2", "--val-steps", "0"]}
+# at the images' side, shuffle BN over 4 groups, the paper's tau 0.2, no validation. Exemplars: the paper's colour
+# jitter, crops of at least 60 % of the image (at 32 px the paper's 20 % leaves too little of a pattern: the loss
+# barely moves in the budget), a bank of one batch's keys per 4 patterns (K = 64 for 64 patterns: about one copy of
+# the anchor's own pattern among the negatives). Shapes: a bank far smaller than the train split, crops of at least
+# half the image, no jitter (with it the loss barely moved).
+BOTH = ["--preset", "demo", "--bn-groups", "4", "--temperature", "0.2", "--val-steps", "0"]
+FLAGS = {"exemplars": BOTH + ["--queue-size", "64", "--crop-scale", "0.6", "--jitter", "0.4"],
+         "shapes": BOTH + ["--queue-size", "256", "--crop-scale", "0.5", "--jitter", "0"]}
 EPOCHS = {"exemplars": 35, "shapes": 10}    # 560 steps of batch 32 each
 
 
@@ -78,8 +77,9 @@ def class_probes(bb, cache, size):
 def supervised(flags, cache, seed):
     """The supervised control: the backbone, views, batch, optimiser and number of steps of the pretraining run that
     `flags` (adam.py's) describe, with adam.py's cosine over all its epochs (one stage: the same schedule), trained on
-    the class labels through a linear head instead of the contrastive loss. It bounds what the budget can teach: where even labels do not lift the frozen probes above
-    random init, a pretraining run of that budget cannot be expected to (docs/learning.md)."""
+    the class labels through a linear head instead of the contrastive loss. It bounds what the budget can teach:
+    where even labels do not lift the frozen probes above random init, a pretraining run of that budget cannot be
+    expected to (docs/learning.md)."""
     a = adam.parse_args(flags)
     tr = cache.rows("train")
     images = np.asarray(cache.images)[tr][:, None]                                 # N x 1 x H x W uint8
